@@ -1,0 +1,30 @@
+"""maskdiffusion: open-vocabulary semantic segmentation from a frozen Stable Diffusion.
+
+>>> from maskdiffusion import MaskDiffusion
+>>> seg = MaskDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+>>> result = seg("street.jpg", classes=["road", "traffic light", "car", "sky"])
+"""
+
+from .loading import DEFAULT_MODEL, ModelNotFoundError
+from .mask_head import mask_head
+from .pipeline import MaskDiffusion
+from .presets import PRESETS, Preset
+from .prompts import VocabularyError
+from .result import Result
+from .views import ImageLoadError, load_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PRESETS",
+    "ImageLoadError",
+    "MaskDiffusion",
+    "ModelNotFoundError",
+    "Preset",
+    "Result",
+    "VocabularyError",
+    "__version__",
+    "load_image",
+    "mask_head",
+]

@@ -1,0 +1,7 @@
+"""``python -m maskdiffusion`` = the ``maskdiffusion`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

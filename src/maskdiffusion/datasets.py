@@ -1,0 +1,822 @@
+"""Evaluation data sets, read from their official on-disk layouts.
+
+Every benchmark is a name in :data:`DATASETS` whose factory turns ``(root, split)`` into a
+:class:`Dataset`: a sorted list of samples (image path + label file) and the class words
+used as prompts. Labels are decoded on demand into one form for all benchmarks,
+``(H, W) uint8`` class indices with 255 = ignore, so the metrics never see a data set's
+own encoding (Cityscapes label ids, COCO fine ids, ISPRS colours, ...). Images are handed
+out as paths only: decoding images is the pipeline's job.
+
+``root`` may be the data sets folder (holding ``cityscapes/``, ``cocostuff/``,
+``VOCdevkit/``, ``potsdam/``) or one data set's own folder. A missing or malformed data
+set raises :class:`DatasetError` with the expected layout and the places searched.
+
+Other modules add data sets with :func:`register_dataset` (e.g. the bundled model's
+``toyworld``). See ``docs/datasets.md`` for layouts, sources and class-list notes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be read: missing, incomplete, malformed, or an unknown name/split."""
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One evaluation sample.
+
+    ``label`` is ``(H, W) uint8``: class index ``0..num_classes-1``, 255 = ignore.
+    """
+
+    id: str
+    image_path: Path
+    label: np.ndarray
+
+
+@dataclass(frozen=True)
+class SampleFile:
+    """Where one sample lives on disk; ``label_path`` is None for unlabelled splits."""
+
+    id: str
+    image_path: Path
+    label_path: Path | None
+
+
+LabelDecoder = Callable[[Path], np.ndarray]
+"""``decode(label_path) -> (H, W) uint8`` class indices, 255 = ignore. Raise on bad files."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """An evaluation split: samples in a stable order plus the class words.
+
+    Fields:
+        name: registry name, e.g. ``"cityscapes27"``.
+        split: e.g. ``"val"``.
+        root: the data set's own folder that was found (for the run's settings).
+        classes: one prompt string per class index; ``"a|b"`` = synonyms of one class.
+        files: the samples, sorted by id.
+        decode_label: turns a label file into ``(H, W) uint8`` indices (see ``LabelDecoder``).
+        background_index: the class that stands for "none of the others" (VOC's
+            ``background``), so a pipeline may fill it by score threshold instead of a prompt.
+    """
+
+    name: str
+    split: str
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[SampleFile, ...]
+    decode_label: LabelDecoder
+    background_index: int | None = None
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [f.id for f in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Sample:
+        """The ``index``-th sample with its decoded label; raises ``DatasetError`` on a bad label file."""
+        entry = self.files[index]
+        if entry.label_path is None:
+            raise DatasetError(f"{self.name} ({self.split}): sample {entry.id!r} has no ground-truth label")
+        try:
+            label = self.decode_label(entry.label_path)
+        except DatasetError:
+            raise
+        except Exception as error:  # any decoding failure: report the file, not a library trace
+            raise DatasetError(
+                f"{self.name}: cannot read label file {entry.label_path}: {type(error).__name__}: {error}"
+            ) from error
+        if label.ndim != 2 or label.dtype != np.uint8:
+            raise DatasetError(
+                f"{self.name}: label {entry.label_path} decoded to shape {label.shape}, dtype {label.dtype}; "
+                "expected (H, W) uint8"
+            )
+        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        if bad.any():
+            values = np.unique(label[bad])[:10].tolist()
+            raise DatasetError(
+                f"{self.name}: label {entry.label_path} holds values {values} but there are only "
+                f"{self.num_classes} classes (0..{self.num_classes - 1}, {self.ignore_index} = ignore)"
+            )
+        return Sample(id=entry.id, image_path=entry.image_path, label=label)
+
+    def with_class_names(self, names: Sequence[str]) -> Dataset:
+        """The same samples with other prompt words (``--class-names``); same count required."""
+        names = tuple(names)
+        if len(names) != self.num_classes:
+            raise DatasetError(
+                f"{self.name} has {self.num_classes} classes but {len(names)} class names were given: "
+                "give one name per class, in label-index order"
+            )
+        return replace(self, classes=names)
+
+
+DatasetFactory = Callable[..., Dataset]
+"""``factory(root: Path, split: str, **options) -> Dataset``."""
+
+DATASETS: dict[str, DatasetFactory] = {}
+
+
+def register_dataset(name: str, factory: DatasetFactory, *, replace_existing: bool = False) -> None:
+    """Make ``name`` available to :func:`build_dataset` (and so to ``--dataset``)."""
+    if not name or name != name.strip().lower():
+        raise ValueError(f"data set names are lower-case without spaces, got {name!r}")
+    if name in DATASETS and not replace_existing:
+        raise ValueError(f"data set {name!r} is already registered; pass replace_existing=True to replace it")
+    DATASETS[name] = factory
+
+
+def available_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def build_dataset(name: str, root: str | Path, split: str = "val", **options: Any) -> Dataset:
+    """Open data set ``name`` under ``root``; raises :class:`DatasetError` if it is not there."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
+    factory = DATASETS[name]
+    path = Path(root).expanduser()
+    try:
+        inspect.signature(factory).bind(path, split, **options)
+    except TypeError:
+        raise DatasetError(f"data set {name!r} does not take the option(s) {sorted(options)}") from None
+    return factory(path, split, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers: locating a data set, error messages, label decoders.
+
+
+def _error(name: str, problem: str, layout: str, looked: Sequence[Path]) -> DatasetError:
+    places = "\n".join(f"  {p}" for p in dict.fromkeys(looked))
+    return DatasetError(
+        f"data set {name!r}: {problem}\n"
+        f"Expected this layout, with --root pointing at the folder that holds it or at the data "
+        f"set's own folder:\n{layout}\nLooked in:\n{places}"
+    )
+
+
+def _locate(name: str, root: Path, own_folders: Sequence[str], markers: Sequence[str], layout: str) -> Path:
+    """The first of ``root/<own folder>``..., ``root`` that holds every ``marker`` path."""
+    candidates = [root / folder for folder in own_folders] + [root]
+    for candidate in candidates:
+        if all((candidate / marker).exists() for marker in markers):
+            return candidate
+    raise _error(name, f"no folder holding {', '.join(markers)} was found", layout, candidates)
+
+
+def _check_split(name: str, split: str, splits: Sequence[str]) -> None:
+    if split not in splits:
+        raise DatasetError(f"data set {name!r} has no split {split!r}; available: {', '.join(splits)}")
+
+
+def _finish(
+    name: str,
+    split: str,
+    base: Path,
+    classes: Sequence[str],
+    files: Sequence[SampleFile],
+    decode: LabelDecoder,
+    layout: str,
+    *,
+    labelled: bool = True,
+    background_index: int | None = None,
+) -> Dataset:
+    """Checks common to every layout, then the Dataset (samples sorted by id)."""
+    if not files:
+        raise _error(name, f"split {split!r} holds no images", layout, [base])
+    missing_images = [f.image_path for f in files if not f.image_path.is_file()]
+    if missing_images:
+        shown = "\n".join(f"    {p}" for p in missing_images[:3])
+        raise _error(
+            name, f"{len(missing_images)} listed images are missing, e.g.\n{shown}", layout, [base]
+        )
+    if labelled:
+        missing = [f for f in files if f.label_path is None or not f.label_path.is_file()]
+        if missing:
+            shown = "\n".join(f"    {f.label_path}" for f in missing[:3])
+            raise _error(
+                name, f"{len(missing)} of {len(files)} images have no label file, e.g.\n{shown}", layout, [base]
+            )
+    ordered = sorted(files, key=lambda f: f.id)
+    ids = [f.id for f in ordered]
+    if len(set(ids)) != len(ids):
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise _error(name, f"sample ids occur twice: {duplicates}", layout, [base])
+    return Dataset(
+        name=name,
+        split=split,
+        root=base,
+        classes=tuple(classes),
+        files=tuple(ordered),
+        decode_label=decode,
+        background_index=background_index,
+    )
+
+
+def _read_id_list(name: str, path: Path, layout: str) -> list[str]:
+    """Ids from a list file, one per line; extensions and folders are stripped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise _error(name, f"cannot read list file {path}: {error.strerror}", layout, [path.parent]) from None
+    return list(dict.fromkeys(Path(line.strip()).stem for line in lines if line.strip()))
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """A single-channel label image as ``(H, W)`` integer values (palette PNGs: the indices).
+
+    Refuses colour images, which usually means the colour visualisation was given instead of
+    the index file (e.g. Cityscapes ``*_color.png``).
+    """
+    with Image.open(path) as image:
+        if image.mode not in ("L", "P", "I", "I;16", "1"):
+            raise DatasetError(
+                f"label {path} is a {image.mode} image; expected a single-channel index image "
+                "(one class index per pixel), not a colour visualisation"
+            )
+        return np.asarray(image)
+
+
+def _lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table[values]`` with values outside the table -> ignore; ``(H, W)`` -> ``(H, W) uint8``."""
+    values = np.asarray(values).astype(np.int64)
+    inside = (values >= 0) & (values < table.shape[0])
+    return np.where(inside, table[np.clip(values, 0, table.shape[0] - 1)], IGNORE_INDEX).astype(np.uint8)
+
+
+def _table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
+    table = np.full(size, IGNORE_INDEX, dtype=np.uint8)
+    for source, target in mapping.items():
+        table[source] = target
+    return table
+
+
+def _decode_png_with_table(path: Path, table: np.ndarray) -> np.ndarray:
+    return _lookup(read_index_png(path), table)
+
+
+def _decode_png_as_is(path: Path) -> np.ndarray:
+    values = read_index_png(path)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise DatasetError(f"label {path} holds values outside 0..255; at most 255 classes are supported")
+    return values.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cityscapes: gtFine *_labelIds.png (ids 0..33). Names and ids follow cityscapesScripts' labels.py.
+
+CITYSCAPES27_CLASSES = (
+    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
+    "bridge", "tunnel", "pole", "pole group", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+"""Label ids 7..33 in order (27-class protocol: class = labelId - 7)."""
+
+# labelId -> trainId of the 19 evaluated classes (every other id -> ignore).
+CITYSCAPES_TRAIN_IDS = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+CITYSCAPES19_CLASSES = tuple(CITYSCAPES27_CLASSES[label_id - 7] for label_id in CITYSCAPES_TRAIN_IDS)
+
+CITYSCAPES_LAYOUT = """\
+  cityscapes/
+  ├── leftImg8bit/
+  │   └── val/<city>/<city>_<seq>_<frame>_leftImg8bit.png      (also train/)
+  └── gtFine/
+      └── val/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png  (also train/)"""
+
+
+def _cityscapes(root: Path, split: str, *, name: str, classes: Sequence[str], table: np.ndarray) -> Dataset:
+    base = _locate(name, root, ("cityscapes",), ("leftImg8bit", "gtFine"), CITYSCAPES_LAYOUT)
+    _check_split(name, split, ("val", "train"))
+    image_dir = base / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise _error(name, f"there is no {image_dir.relative_to(base)} folder", CITYSCAPES_LAYOUT, [base])
+    files = []
+    for image in image_dir.glob("*/*_leftImg8bit.png"):
+        stem = image.name.removesuffix("_leftImg8bit.png")
+        label = base / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelIds.png"
+        files.append(SampleFile(stem, image, label))
+    decode = partial(_decode_png_with_table, table=table)
+    return _finish(name, split, base, classes, files, decode, CITYSCAPES_LAYOUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO-Stuff 164k: stuffthingmaps PNGs hold fine ids 0..181 (= COCO-Stuff id - 1), 255 = unlabeled.
+
+# (official name, prompt word, supercategory) per fine id 0..181. Prompt word None marks the
+# 11 thing ids COCO defines but never annotates: they have no index in the 171-class set.
+# Supercategories are COCO's (things) and COCO-Stuff's stuff hierarchy; the two that share
+# a name with a thing supercategory are written "food-stuff" and "furniture-stuff".
+COCOSTUFF_FINE: tuple[tuple[str, str | None, str], ...] = (
+    ("person", "person", "person"),
+    ("bicycle", "bicycle", "vehicle"),
+    ("car", "car", "vehicle"),
+    ("motorcycle", "motorcycle", "vehicle"),
+    ("airplane", "airplane", "vehicle"),
+    ("bus", "bus", "vehicle"),
+    ("train", "train", "vehicle"),
+    ("truck", "truck", "vehicle"),
+    ("boat", "boat", "vehicle"),
+    ("traffic light", "traffic light", "outdoor"),
+    ("fire hydrant", "fire hydrant", "outdoor"),
+    ("street sign", None, "outdoor"),
+    ("stop sign", "stop sign", "outdoor"),
+    ("parking meter", "parking meter", "outdoor"),
+    ("bench", "bench", "outdoor"),
+    ("bird", "bird", "animal"),
+    ("cat", "cat", "animal"),
+    ("dog", "dog", "animal"),
+    ("horse", "horse", "animal"),
+    ("sheep", "sheep", "animal"),
+    ("cow", "cow", "animal"),
+    ("elephant", "elephant", "animal"),
+    ("bear", "bear", "animal"),
+    ("zebra", "zebra", "animal"),
+    ("giraffe", "giraffe", "animal"),
+    ("hat", None, "accessory"),
+    ("backpack", "backpack", "accessory"),
+    ("umbrella", "umbrella", "accessory"),
+    ("shoe", None, "accessory"),
+    ("eye glasses", None, "accessory"),
+    ("handbag", "handbag", "accessory"),
+    ("tie", "tie", "accessory"),
+    ("suitcase", "suitcase", "accessory"),
+    ("frisbee", "frisbee", "sports"),
+    ("skis", "skis", "sports"),
+    ("snowboard", "snowboard", "sports"),
+    ("sports ball", "sports ball", "sports"),
+    ("kite", "kite", "sports"),
+    ("baseball bat", "baseball bat", "sports"),
+    ("baseball glove", "baseball glove", "sports"),
+    ("skateboard", "skateboard", "sports"),
+    ("surfboard", "surfboard", "sports"),
+    ("tennis racket", "tennis racket", "sports"),
+    ("bottle", "bottle", "kitchen"),
+    ("plate", None, "kitchen"),
+    ("wine glass", "wine glass", "kitchen"),
+    ("cup", "cup", "kitchen"),
+    ("fork", "fork", "kitchen"),
+    ("knife", "knife", "kitchen"),
+    ("spoon", "spoon", "kitchen"),
+    ("bowl", "bowl", "kitchen"),
+    ("banana", "banana", "food"),
+    ("apple", "apple", "food"),
+    ("sandwich", "sandwich", "food"),
+    ("orange", "orange", "food"),
+    ("broccoli", "broccoli", "food"),
+    ("carrot", "carrot", "food"),
+    ("hot dog", "hot dog", "food"),
+    ("pizza", "pizza", "food"),
+    ("donut", "donut", "food"),
+    ("cake", "cake", "food"),
+    ("chair", "chair", "furniture"),
+    ("couch", "couch", "furniture"),
+    ("potted plant", "potted plant", "furniture"),
+    ("bed", "bed", "furniture"),
+    ("mirror", None, "furniture"),
+    ("dining table", "dining table", "furniture"),
+    ("window", None, "furniture"),
+    ("desk", None, "furniture"),
+    ("toilet", "toilet", "furniture"),
+    ("door", None, "furniture"),
+    ("tv", "television", "electronic"),
+    ("laptop", "laptop", "electronic"),
+    ("mouse", "computer mouse", "electronic"),
+    ("remote", "remote control", "electronic"),
+    ("keyboard", "keyboard", "electronic"),
+    ("cell phone", "cell phone", "electronic"),
+    ("microwave", "microwave", "appliance"),
+    ("oven", "oven", "appliance"),
+    ("toaster", "toaster", "appliance"),
+    ("sink", "sink", "appliance"),
+    ("refrigerator", "refrigerator", "appliance"),
+    ("blender", None, "appliance"),
+    ("book", "book", "indoor"),
+    ("clock", "clock", "indoor"),
+    ("vase", "vase", "indoor"),
+    ("scissors", "scissors", "indoor"),
+    ("teddy bear", "teddy bear", "indoor"),
+    ("hair drier", "hair dryer", "indoor"),
+    ("toothbrush", "toothbrush", "indoor"),
+    ("hair brush", None, "indoor"),
+    # stuff, fine ids 91..181
+    ("banner", "banner", "textile"),
+    ("blanket", "blanket", "textile"),
+    ("branch", "branch", "plant"),
+    ("bridge", "bridge", "building"),
+    ("building-other", "building", "building"),
+    ("bush", "bush", "plant"),
+    ("cabinet", "cabinet", "furniture-stuff"),
+    ("cage", "cage", "structural"),
+    ("cardboard", "cardboard", "raw material"),
+    ("carpet", "carpet", "floor"),
+    ("ceiling-other", "ceiling", "ceiling"),
+    ("ceiling-tile", "ceiling tile", "ceiling"),
+    ("cloth", "cloth", "textile"),
+    ("clothes", "clothes", "textile"),
+    ("clouds", "clouds", "sky"),
+    ("counter", "counter", "furniture-stuff"),
+    ("cupboard", "cupboard", "furniture-stuff"),
+    ("curtain", "curtain", "textile"),
+    ("desk-stuff", "desk", "furniture-stuff"),
+    ("dirt", "dirt", "ground"),
+    ("door-stuff", "door", "furniture-stuff"),
+    ("fence", "fence", "structural"),
+    ("floor-marble", "marble floor", "floor"),
+    ("floor-other", "floor", "floor"),
+    ("floor-stone", "stone floor", "floor"),
+    ("floor-tile", "tile floor", "floor"),
+    ("floor-wood", "wooden floor", "floor"),
+    ("flower", "flower", "plant"),
+    ("fog", "fog", "water"),
+    ("food-other", "food", "food-stuff"),
+    ("fruit", "fruit", "food-stuff"),
+    ("furniture-other", "furniture", "furniture-stuff"),
+    ("grass", "grass", "plant"),
+    ("gravel", "gravel", "ground"),
+    ("ground-other", "ground", "ground"),
+    ("hill", "hill", "solid"),
+    ("house", "house", "building"),
+    ("leaves", "leaves", "plant"),
+    ("light", "light", "furniture-stuff"),
+    ("mat", "mat", "textile"),
+    ("metal", "metal", "raw material"),
+    ("mirror-stuff", "mirror", "furniture-stuff"),
+    ("moss", "moss", "plant"),
+    ("mountain", "mountain", "solid"),
+    ("mud", "mud", "ground"),
+    ("napkin", "napkin", "textile"),
+    ("net", "net", "structural"),
+    ("paper", "paper", "raw material"),
+    ("pavement", "pavement", "ground"),
+    ("pillow", "pillow", "textile"),
+    ("plant-other", "plant", "plant"),
+    ("plastic", "plastic", "raw material"),
+    ("platform", "platform", "ground"),
+    ("playingfield", "playing field", "ground"),
+    ("railing", "railing", "structural"),
+    ("railroad", "railroad", "ground"),
+    ("river", "river", "water"),
+    ("road", "road", "ground"),
+    ("rock", "rock", "solid"),
+    ("roof", "roof", "building"),
+    ("rug", "rug", "textile"),
+    ("salad", "salad", "food-stuff"),
+    ("sand", "sand", "ground"),
+    ("sea", "sea", "water"),
+    ("shelf", "shelf", "furniture-stuff"),
+    ("sky-other", "sky", "sky"),
+    ("skyscraper", "skyscraper", "building"),
+    ("snow", "snow", "ground"),
+    ("solid-other", "solid", "solid"),
+    ("stairs", "stairs", "furniture-stuff"),
+    ("stone", "stone", "solid"),
+    ("straw", "straw", "plant"),
+    ("structural-other", "structure", "structural"),
+    ("table", "table", "furniture-stuff"),
+    ("tent", "tent", "building"),
+    ("textile-other", "textile", "textile"),
+    ("towel", "towel", "textile"),
+    ("tree", "tree", "plant"),
+    ("vegetable", "vegetable", "food-stuff"),
+    ("wall-brick", "brick wall", "wall"),
+    ("wall-concrete", "concrete wall", "wall"),
+    ("wall-other", "wall", "wall"),
+    ("wall-panel", "wall panel", "wall"),
+    ("wall-stone", "stone wall", "wall"),
+    ("wall-tile", "tile wall", "wall"),
+    ("wall-wood", "wooden wall", "wall"),
+    ("water-other", "water", "water"),
+    ("waterdrops", "water drops", "water"),
+    ("window-blind", "window blind", "window"),
+    ("window-other", "window", "window"),
+    ("wood", "wood", "solid"),
+)
+
+# The 27 coarse classes in the order of unsupervised-segmentation work (12 thing
+# supercategories, then 15 stuff ones, each group alphabetical), with their prompt words.
+# The two duplicated names get distinct words: "food-stuff" (food-other, fruit, salad,
+# vegetable) and "furniture-stuff" (cabinet, counter, shelf, table, door, stairs, ...).
+COCOSTUFF27_COARSE: tuple[tuple[str, str], ...] = (
+    ("electronic", "electronics"),
+    ("appliance", "appliance"),
+    ("food", "food"),
+    ("furniture", "furniture"),
+    ("indoor", "indoor object"),
+    ("kitchen", "kitchenware"),
+    ("accessory", "accessory"),
+    ("animal", "animal"),
+    ("outdoor", "outdoor object"),
+    ("person", "person"),
+    ("sports", "sports equipment"),
+    ("vehicle", "vehicle"),
+    ("ceiling", "ceiling"),
+    ("floor", "floor"),
+    ("food-stuff", "vegetable|salad"),
+    ("furniture-stuff", "fixture|cabinet|shelf"),
+    ("raw material", "raw material"),
+    ("textile", "textile"),
+    ("wall", "wall"),
+    ("window", "window"),
+    ("building", "building"),
+    ("ground", "ground"),
+    ("plant", "plant"),
+    ("sky", "sky"),
+    ("solid", "solid|rock"),
+    ("structural", "structure|fence"),
+    ("water", "water"),
+)
+
+COCOSTUFF171_CLASSES = tuple(word for _, word, _ in COCOSTUFF_FINE if word is not None)
+COCOSTUFF27_CLASSES = tuple(word for _, word in COCOSTUFF27_COARSE)
+_COARSE_INDEX = {key: i for i, (key, _) in enumerate(COCOSTUFF27_COARSE)}
+COCOSTUFF_FINE_TO_171 = {
+    fine: index
+    for index, fine in enumerate(fine for fine, (_, word, _) in enumerate(COCOSTUFF_FINE) if word is not None)
+}
+COCOSTUFF_FINE_TO_27 = {fine: _COARSE_INDEX[coarse] for fine, (_, _, coarse) in enumerate(COCOSTUFF_FINE)}
+
+COCOSTUFF_LAYOUT = """\
+  cocostuff/
+  ├── images/
+  │   └── val2017/<id>.jpg         (also train2017/)
+  ├── annotations/
+  │   └── val2017/<id>.png         (stuffthingmaps: fine ids 0..181, 255 = unlabeled)
+  └── curated/val2017/Coco164kFull_Stuff_Coarse_7.txt   (optional image list)"""
+
+_COCO_SPLITS = {"val": "val2017", "train": "train2017"}
+COCOSTUFF_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
+
+
+def _cocostuff(
+    root: Path,
+    split: str,
+    *,
+    name: str,
+    classes: Sequence[str],
+    table: np.ndarray,
+    image_list: str | Path | None = None,
+) -> Dataset:
+    """``image_list``: a file of image ids (one per line), absolute or relative to the data set
+    folder; ``"curated"`` = STEGO's curated list ``curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt``.
+    """
+    base = _locate(name, root, ("cocostuff",), ("images", "annotations"), COCOSTUFF_LAYOUT)
+    _check_split(name, split, tuple(_COCO_SPLITS))
+    folder = _COCO_SPLITS[split]
+    image_dir = base / "images" / folder
+    if not image_dir.is_dir():
+        raise _error(name, f"there is no images/{folder} folder", COCOSTUFF_LAYOUT, [base])
+    if image_list is not None:
+        if str(image_list) == "curated":
+            image_list = Path("curated") / folder / COCOSTUFF_CURATED_LIST
+        list_path = Path(image_list).expanduser()
+        if not list_path.is_file() and (base / list_path).is_file():
+            list_path = base / list_path
+        ids = _read_id_list(name, list_path, COCOSTUFF_LAYOUT)
+    else:
+        ids = [p.stem for p in image_dir.glob("*.jpg")]
+    files = [
+        SampleFile(i, image_dir / f"{i}.jpg", base / "annotations" / folder / f"{i}.png") for i in ids
+    ]
+    decode = partial(_decode_png_with_table, table=table)
+    return _finish(name, split, base, classes, files, decode, COCOSTUFF_LAYOUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# PASCAL VOC 2012: palette PNGs whose index is the class, 255 = object boundary / difficult.
+
+VOC2012_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
+    "train", "tv monitor",
+)  # fmt: skip
+
+VOC_LAYOUT = """\
+  VOCdevkit/
+  └── VOC2012/
+      ├── JPEGImages/<id>.jpg
+      ├── SegmentationClass/<id>.png          (palette PNG: index = class, 255 = ignore)
+      └── ImageSets/Segmentation/val.txt      (also train.txt, trainval.txt)"""
+
+
+def _voc2012(root: Path, split: str) -> Dataset:
+    name = "voc2012"
+    base = _locate(
+        name,
+        root,
+        ("VOCdevkit/VOC2012", "VOC2012"),
+        ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
+        VOC_LAYOUT,
+    )
+    _check_split(name, split, ("val", "train", "trainval"))
+    ids = _read_id_list(name, base / "ImageSets" / "Segmentation" / f"{split}.txt", VOC_LAYOUT)
+    files = [
+        SampleFile(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids
+    ]
+    return _finish(name, split, base, VOC2012_CLASSES, files, _decode_png_as_is, VOC_LAYOUT, background_index=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Potsdam. ISPRS classes, in the ISPRS order that STEGO's/IIC's gt .mat files use as ids 0..5.
+
+POTSDAM6_CLASSES = ("road|impervious surface", "building", "low vegetation", "tree", "car", "clutter")
+
+# STEGO/IIC Potsdam-3: roads+cars, buildings+clutter, trees+low vegetation.
+POTSDAM_6_TO_3 = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
+POTSDAM3_CLASSES = ("road|car", "building|clutter", "vegetation|tree")
+
+# ISPRS label colours; each channel is 0 or 255, so a pixel is read by thresholding each
+# channel at 128 (tolerates slightly off values). Black (boundary in *_noBoundary files)
+# and magenta are no class.
+POTSDAM_COLOURS = {
+    (255, 255, 255): 0,  # impervious surfaces
+    (0, 0, 255): 1,  # building
+    (0, 255, 255): 2,  # low vegetation
+    (0, 255, 0): 3,  # tree
+    (255, 255, 0): 4,  # car
+    (255, 0, 0): 5,  # clutter / background
+}
+
+# The ISPRS 2D labelling benchmark's split of the 38 labelled tiles (the 14 tiles it held
+# out for testing are the usual val set).
+POTSDAM6_VAL_TILES = (
+    "2_13", "2_14", "3_13", "3_14", "4_13", "4_14", "4_15", "5_13", "5_14", "5_15", "6_13", "6_14", "6_15", "7_13",
+)  # fmt: skip
+POTSDAM6_TRAIN_TILES = (
+    "2_10", "2_11", "2_12", "3_10", "3_11", "3_12", "4_10", "4_11", "4_12", "5_10", "5_11", "5_12",
+    "6_7", "6_8", "6_9", "6_10", "6_11", "6_12", "7_7", "7_8", "7_9", "7_10", "7_11", "7_12",
+)  # fmt: skip
+
+POTSDAM3_LAYOUT = """\
+  potsdam/
+  ├── imgs/<id>.mat               (key "img": (H, W, 4) RGB + infrared)
+  ├── gt/<id>.mat                 (key "gt": (H, W) ISPRS ids 0..5)
+  ├── labelled_test.txt           (split "val")
+  ├── labelled_train.txt          (split "train")
+  ├── unlabelled_train.txt        (split "unlabelled_train", no gt)
+  └── all.txt                     (split "all")"""
+
+POTSDAM6_LAYOUT = """\
+  potsdam/
+  ├── 2_Ortho_RGB/top_potsdam_<row>_<col>_RGB.tif
+  └── 5_Labels_all/top_potsdam_<row>_<col>_label.tif   (ISPRS colour-coded labels)"""
+
+_POTSDAM3_SPLITS = {
+    "val": ("labelled_test.txt",),
+    "train": ("labelled_train.txt",),
+    "train+val": ("labelled_train.txt", "labelled_test.txt"),
+    "unlabelled_train": ("unlabelled_train.txt",),
+    "all": ("all.txt",),
+}
+
+
+def _decode_mat(path: Path, key: str, table: np.ndarray) -> np.ndarray:
+    from scipy.io import loadmat
+
+    contents = loadmat(path, variable_names=[key])
+    if key not in contents:
+        raise DatasetError(f"label {path} has no variable {key!r} (STEGO's Potsdam .mat files hold {key!r})")
+    values = np.squeeze(np.asarray(contents[key]))
+    if values.ndim != 2:
+        raise DatasetError(f"label {path}: {key!r} has shape {values.shape}, expected (H, W)")
+    return _lookup(values, table)
+
+
+def _decode_isprs_colours(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    bits = (rgb >= 128).astype(np.int64)
+    code = bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]
+    table = _table({(r // 255) * 4 + (g // 255) * 2 + b // 255: c for (r, g, b), c in POTSDAM_COLOURS.items()}, 8)
+    return table[code]
+
+
+def _potsdam3(root: Path, split: str) -> Dataset:
+    name = "potsdam3"
+    base = _locate(name, root, ("potsdam",), ("imgs",), POTSDAM3_LAYOUT)
+    _check_split(name, split, tuple(_POTSDAM3_SPLITS))
+    ids: list[str] = []
+    for list_name in _POTSDAM3_SPLITS[split]:
+        if not (base / list_name).is_file():
+            raise _error(name, f"split {split!r} needs the list file {list_name}", POTSDAM3_LAYOUT, [base])
+        ids += _read_id_list(name, base / list_name, POTSDAM3_LAYOUT)
+    labelled = split not in ("unlabelled_train", "all")
+    files = []
+    for i in dict.fromkeys(ids):
+        gt = base / "gt" / f"{i}.mat"
+        files.append(SampleFile(i, base / "imgs" / f"{i}.mat", gt if labelled or gt.is_file() else None))
+    decode = partial(_decode_mat, key="gt", table=_table(POTSDAM_6_TO_3))
+    return _finish(name, split, base, POTSDAM3_CLASSES, files, decode, POTSDAM3_LAYOUT, labelled=labelled)
+
+
+def _potsdam6(root: Path, split: str) -> Dataset:
+    name = "potsdam6"
+    base = _locate(name, root, ("potsdam",), ("2_Ortho_RGB", "5_Labels_all"), POTSDAM6_LAYOUT)
+    _check_split(name, split, ("val", "train", "all"))
+    if split == "all":
+        tiles = [
+            p.name.removeprefix("top_potsdam_").removesuffix("_RGB.tif")
+            for p in (base / "2_Ortho_RGB").glob("top_potsdam_*_RGB.tif")
+        ]
+    else:
+        tiles = list(POTSDAM6_VAL_TILES if split == "val" else POTSDAM6_TRAIN_TILES)
+    files = [
+        SampleFile(
+            f"top_potsdam_{t}",
+            base / "2_Ortho_RGB" / f"top_potsdam_{t}_RGB.tif",
+            base / "5_Labels_all" / f"top_potsdam_{t}_label.tif",
+        )
+        for t in tiles
+    ]
+    return _finish(name, split, base, POTSDAM6_CLASSES, files, _decode_isprs_colours, POTSDAM6_LAYOUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# folder: a user's own data.
+
+FOLDER_LAYOUT = """\
+  <root>/
+  ├── images/<stem>.jpg|.png|...
+  ├── labels/<stem>.png        (single-channel: value = class index, 255 = ignore)
+  ├── classes.txt              (one class per line, line i = label value i; "a|b" = synonyms)
+  └── val.txt                  (optional: stems of split "val"; any <split>.txt adds a split)"""
+
+
+def _folder(root: Path, split: str) -> Dataset:
+    name = "folder"
+    base = _locate(name, root, (), ("images", "labels", "classes.txt"), FOLDER_LAYOUT)
+    lines = (base / "classes.txt").read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    classes = [" ".join(line.split()) for line in lines]
+    if not classes or any(not c for c in classes):
+        raise _error(
+            name, "classes.txt must list one non-blank class per line (line i names label value i)",
+            FOLDER_LAYOUT, [base],
+        )  # fmt: skip
+    images = {p.stem: p for p in sorted((base / "images").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    split_file = base / f"{split}.txt"
+    if split_file.is_file():
+        ids = _read_id_list(name, split_file, FOLDER_LAYOUT)
+    elif split in ("val", "all"):
+        ids = list(images)
+    else:
+        raise DatasetError(f"data set 'folder' has no split {split!r}: add {split_file} or use --split val")
+    files = [
+        SampleFile(i, images.get(i, base / "images" / f"{i}.*"), base / "labels" / f"{i}.png")
+        for i in ids
+    ]
+    return _finish(name, split, base, classes, files, _decode_png_as_is, FOLDER_LAYOUT)
+
+
+register_dataset(
+    "cityscapes27",
+    partial(_cityscapes, name="cityscapes27", classes=CITYSCAPES27_CLASSES,
+            table=_table({label_id: label_id - 7 for label_id in range(7, 34)})),
+)  # fmt: skip
+register_dataset(
+    "cityscapes19",
+    partial(_cityscapes, name="cityscapes19", classes=CITYSCAPES19_CLASSES, table=_table(CITYSCAPES_TRAIN_IDS)),
+)
+register_dataset(
+    "cocostuff27",
+    partial(_cocostuff, name="cocostuff27", classes=COCOSTUFF27_CLASSES, table=_table(COCOSTUFF_FINE_TO_27)),
+)
+register_dataset(
+    "cocostuff171",
+    partial(_cocostuff, name="cocostuff171", classes=COCOSTUFF171_CLASSES, table=_table(COCOSTUFF_FINE_TO_171)),
+)
+register_dataset("voc2012", _voc2012)
+register_dataset("potsdam3", _potsdam3)
+register_dataset("potsdam6", _potsdam6)
+register_dataset("folder", _folder)

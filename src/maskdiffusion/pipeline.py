@@ -1,0 +1,296 @@
+"""The MaskDiffusion pipeline: image -> views -> latents -> one UNet pass -> mask head -> Result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .capture import UNetCapture, UNetLayout
+from .loading import DEFAULT_MODEL, Components, load_components, pick_device, pick_dtype, resolve_model_folder
+from .mask_head import class_attention, mask_head, refine
+from .presets import Preset, resolve_preset
+from .prompts import ClassName, PromptBatch, build_prompts, parse_classes
+from .result import BACKGROUND, Result
+from .views import ImageInput, ImageLoadError, ViewLayout, load_image, resize_maps, upsample_rows
+
+ClassesInput = str | Sequence[str | Sequence[str]]
+LABEL_ROWS = 256  # rows upsampled at a time when labelling, to bound memory on large images
+
+
+@dataclass
+class _Pending:
+    """Views of one image on their way through the batches."""
+
+    index: int
+    image: object
+    layout: ViewLayout
+    source: str | None
+    attention: list[torch.Tensor] = field(default_factory=list)
+    features: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class MaskDiffusion:
+    """Open-vocabulary semantic segmentation with a frozen Stable Diffusion.
+
+    The components (``vae``, ``unet``, ``text_encoder``, ``tokenizer``) are plain
+    attributes. Build with :meth:`from_pretrained`; call with an image and classes.
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        preset: str | Preset | None = None,
+        batch_size: int = 4,
+    ):
+        self.vae = components.vae
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.alphas_cumprod = components.alphas_cumprod
+        self.presets = components.presets
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.layout = UNetLayout.of(self.unet, self.vae)
+        self.preset = self._preset(preset)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        preset: str | Preset | None = None,
+        batch_size: int = 4,
+        local_files_only: bool | None = None,
+    ) -> MaskDiffusion:
+        """Load a Stable Diffusion 1.x/2.x model (hub id, folder, or ``tiny-random``).
+
+        Arguments:
+            model: hub id (looked up in the local cache first) or diffusers folder.
+            device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``mps``.
+            dtype: ``float32`` (default), ``float16`` or ``bfloat16``. On the CPU the
+                weights stay float32 and the passes run under bfloat16/float16 autocast.
+            preset: default settings of this segmenter (name or :class:`Preset`).
+            batch_size: views per UNet batch.
+        """
+        device = pick_device(device)
+        dtype = pick_dtype(dtype)
+        folder = resolve_model_folder(model, local_files_only=local_files_only)
+        weights_dtype = torch.float32 if device.type == "cpu" else dtype
+        components = load_components(folder, device=device, dtype=weights_dtype)
+        return cls(components, model_id=model, device=device, dtype=dtype, preset=preset, batch_size=batch_size)
+
+    # -- inputs --------------------------------------------------------------------
+
+    def _preset(self, preset: str | Preset | None, base: Preset | None = None) -> Preset:
+        fallback = base or self.presets["default"]
+        chosen = self.presets[preset] if isinstance(preset, str) and preset in self.presets else preset
+        chosen = resolve_preset(chosen, fallback)
+        chosen.check()
+        if chosen.size % self.layout.block:
+            raise ValueError(
+                f"size {chosen.size} is not a multiple of {self.layout.block}, the block size of this model; "
+                f"use e.g. {max(self.layout.block, round(chosen.size / self.layout.block) * self.layout.block)}"
+            )
+        self.layout.select(chosen.attention_factors)
+        return chosen
+
+    def check_inputs(self, classes: ClassesInput, preset: str | Preset | None) -> tuple[list[ClassName], Preset]:
+        """Validate the class list and settings before any model work."""
+        return parse_classes(classes), self._preset(preset, self.preset)
+
+    # -- the straight line ----------------------------------------------------------
+
+    def _autocast(self):
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            return torch.autocast("cpu", dtype=self.dtype)
+        return nullcontext()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: PromptBatch) -> torch.Tensor:
+        """``(P, T, E)`` text embeddings of the prompts."""
+        with self._autocast():
+            return self.text_encoder(prompts.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_views(self, views: torch.Tensor, preset: Preset) -> torch.Tensor:
+        """``(V, 3, S, S)`` pixels in [-1, 1] -> ``(V, c, S/f, S/f)`` latents at the preset's timestep."""
+        pixels = views.to(self.device, self.vae.dtype)
+        with self._autocast():
+            posterior = self.vae.encode(pixels).latent_dist.mean
+        config = self.vae.config
+        latents = (posterior - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+        if preset.timestep:
+            generator = torch.Generator().manual_seed(preset.seed)
+            noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents)
+            alpha = self.alphas_cumprod[preset.timestep].to(latents)
+            latents = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        return latents
+
+    @torch.no_grad()
+    def capture(self, latents: torch.Tensor, text: torch.Tensor, preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet pass over every (view, prompt) pair.
+
+        Arguments:
+            latents: ``(V, c, h, w)``; text: ``(P, T, E)``.
+
+        Returns:
+            ``(V, P, T, ha, wa)`` float32 attention log-maps (mean over heads and layers)
+            and ``(V, D, hf, wf)`` float32 features (mean over prompts).
+        """
+        views, prompts = latents.shape[0], text.shape[0]
+        batch_latents = latents.repeat_interleave(prompts, dim=0)
+        batch_text = text.repeat(views, 1, 1).to(self.unet.dtype)
+        with self._autocast():
+            store, _ = UNetCapture(self.unet, self.vae, preset).run(
+                batch_latents.to(self.unet.dtype), preset.timestep, batch_text
+            )
+        attention = store.layer_mean()
+        attention = attention.view(views, prompts, *attention.shape[1:])
+        features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
+        features = features.view(views, prompts, *features.shape[1:]).mean(dim=1)
+        return attention.cpu(), features.cpu()
+
+    def _finish(self, item: _Pending, vocabulary: list[ClassName], weights: torch.Tensor, preset: Preset) -> Result:
+        """Stitch an image's views and run the mask head: the image's :class:`Result`."""
+        start = time.perf_counter()
+        layout = item.layout
+        token_maps = layout.stitch_log(torch.cat(item.attention), preset.attention_factor)
+        features = layout.stitch(torch.cat(item.features), preset.feature_factor)
+        attention = class_attention(token_maps, weights)
+        feature_grid = layout.grid_shape(preset.feature_factor)
+        scores = mask_head(
+            features[None], resize_maps(attention, feature_grid)[None], normalize_prototypes=preset.normalize_prototypes
+        )
+        scores = refine(features[None], scores, preset.refine_steps, normalize_prototypes=preset.normalize_prototypes)[
+            0
+        ]
+        image = item.image
+        labels = _labels(scores, (image.height, image.width), preset.background_threshold)
+        item.seconds += time.perf_counter() - start
+        return Result(
+            classes=[c.name for c in vocabulary],
+            labels=labels,
+            attention=attention.numpy(),
+            image=image,
+            grid_scores=scores,
+            preset=preset,
+            vocabulary=vocabulary,
+            model=self.model_id,
+            source=item.source,
+            timings={"seconds": round(item.seconds, 4)},
+            runtime={
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "batch_size": self.batch_size,
+            },
+        )
+
+    def segment_batch(
+        self,
+        images: Sequence[ImageInput],
+        classes: ClassesInput,
+        *,
+        preset: str | Preset | None = None,
+        errors: str = "raise",
+        progress: object | None = None,
+    ) -> list[Result | ImageLoadError]:
+        """Segment several images with one class list; their views share UNet batches.
+
+        Arguments:
+            images: paths, PIL images or ``(H, W[, 3|4])`` arrays.
+            classes: ``"road, sky, person|pedestrian"`` or a list of names (or of
+                synonym lists).
+            preset: overrides this segmenter's preset for the call.
+            errors: ``"raise"`` stops at the first unreadable image; ``"return"`` puts
+                the :class:`ImageLoadError` in that image's place and goes on.
+            progress: optional callable, called with each finished item.
+
+        Returns:
+            One :class:`Result` (or error) per image, in order.
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        vocabulary, preset = self.check_inputs(classes, preset)
+        prompts = build_prompts(self.tokenizer, vocabulary, preset.separator)
+        weights = prompts.token_weights().flatten(1)  # (C, P*T)
+        used = weights.sum(dim=0) > 0
+        weights = weights[:, used]
+        text = self.encode_prompts(prompts)
+        unit = max(self.layout.block, preset.attention_factor, preset.feature_factor)
+
+        results: list[Result | ImageLoadError | None] = [None] * len(images)
+        queue: list[tuple[_Pending, int]] = []  # (image, view index) not yet through the UNet
+        pending: list[_Pending] = []
+        for index, image in enumerate(images):
+            source = str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
+            try:
+                picture = load_image(image)
+            except ImageLoadError as error:
+                if errors == "raise":
+                    raise
+                results[index] = error
+                if progress:
+                    progress(error)
+                continue
+            layout = ViewLayout.for_image(picture.size, preset.size, unit, preset.window_overlap)
+            item = _Pending(index=index, image=picture, layout=layout, source=source)
+            pending.append(item)
+            queue.extend((item, v) for v in range(len(layout.offsets)))
+
+        crops: dict[int, torch.Tensor] = {}
+        for start in range(0, len(queue), self.batch_size):
+            chunk = queue[start : start + self.batch_size]
+            began = time.perf_counter()
+            for item, _ in chunk:
+                if item.index not in crops:
+                    crops[item.index] = item.layout.crops(item.image)
+            views = torch.stack([crops[item.index][v] for item, v in chunk])
+            latents = self.encode_views(views, preset)
+            attention, features = self.capture(latents, text, preset)
+            attention = attention.flatten(1, 2)[:, used]
+            share = (time.perf_counter() - began) / len(chunk)
+            for row, (item, _) in enumerate(chunk):
+                item.attention.append(attention[row : row + 1])
+                item.features.append(features[row : row + 1])
+                item.seconds += share
+            while pending and len(pending[0].attention) == len(pending[0].layout.offsets):
+                done = pending.pop(0)
+                crops.pop(done.index, None)
+                results[done.index] = self._finish(done, vocabulary, weights, preset)
+                if progress:
+                    progress(results[done.index])
+        return results  # type: ignore[return-value]
+
+    def __call__(self, image: ImageInput, classes: ClassesInput, *, preset: str | Preset | None = None) -> Result:
+        """Segment one image: ``seg("street.jpg", classes=["road", "sky"])`` -> :class:`Result`."""
+        return self.segment_batch([image], classes, preset=preset)[0]
+
+
+def _labels(scores: torch.Tensor, size: tuple[int, int], threshold: float | None) -> np.ndarray:
+    """``(H, W)`` int64 argmax of the upsampled scores, computed a band of rows at a time."""
+    height = size[0]
+    labels = np.empty(size, dtype=np.int64)
+    for top in range(0, height, LABEL_ROWS):
+        rows = slice(top, min(top + LABEL_ROWS, height))
+        band = upsample_rows(scores, size, rows)
+        best, label = band.max(dim=0)
+        if threshold is not None:
+            label = torch.where(best < threshold, BACKGROUND, label)
+        labels[rows] = label.numpy()
+    return labels

@@ -1,0 +1,519 @@
+"""Train the toy world's text-to-image latent diffusion model (images and captions only).
+
+``python -m maskdiffusion.toyworld.train --out DIR`` runs two phases and saves a folder in
+the diffusers Stable-Diffusion layout (``vae/ unet/ text_encoder/ tokenizer/ scheduler/
+model_index.json``) plus ``maskdiffusion.json`` (recommended segmentation settings):
+
+1. an ``AutoencoderKL`` with a factor-4 latent (64x64 images -> 16x16x4 latents: a factor-8
+   VAE would leave 8x8 latents, too coarse for several objects);
+2. a ``UNet2DConditionModel`` with cross-attention at 16x16, 8x8 and the 4x4 mid block,
+   jointly with a one-layer ``CLIPTextModel`` fed by the real CLIP tokenizer.
+
+The model never sees a label map. Besides the denoising loss, an optional *binding margin*
+asks the right caption to denoise better than the same caption with two objects' pattern
+words swapped: plain denoising settles on a bag of words (issue 5), and the swap test is
+the cheapest caption-only signal that a word must be routed to its own object.
+
+Every random draw of step ``k`` is seeded by ``(seed, k)``, and checkpoints (written
+atomically every ``--checkpoint-minutes``) hold models, optimisers and EMA weights, so a run
+killed at any point and restarted with the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..prompts import CLIP_CONTEXT, clip_tokenizer
+from ..tiny import SD_NOISE_SCHEDULE, save_model_index
+from .world import IMAGE_SIZE, Scene, make_caption, make_scene, swap_patterns, train_seed
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Shapes and schedule of a run. Stored in the checkpoint; a resumed run keeps them."""
+
+    seed: int = 0
+    image_size: int = IMAGE_SIZE
+    num_scenes: int = 20000
+    # autoencoder
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # unet + text encoder
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_heads: int = 4
+    text_width: int = 32
+    text_layers: int = 1
+    text_heads: int = 2
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    p_uncond: float = 0.1
+    mid_t_fraction: float = 0.5  # share of timesteps drawn from [200, 700), the rest uniform
+    binding_weight: float = 0.0
+    binding_margin: float = 0.1  # relative: swapped-caption loss should exceed right by 10%
+    binding_fraction: float = 0.5  # share of the batch that also runs the swapped caption
+    ema_decay: float = 0.999
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_vae(cfg: TrainConfig):
+    """A factor-``2**(len(vae_channels)-1)`` AutoencoderKL with 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=cfg.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16 if min(cfg.vae_channels) % 16 == 0 else 8,
+        sample_size=cfg.image_size,
+    )
+
+
+def vae_factor(cfg: TrainConfig) -> int:
+    return 2 ** (len(cfg.vae_channels) - 1)
+
+
+def build_unet(cfg: TrainConfig):
+    """Cross-attention on every level but the coarsest, plus the mid block."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // vae_factor(cfg),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        norm_num_groups=16 if min(cfg.unet_channels) % 16 == 0 else 8,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=cfg.unet_heads,  # diffusers' legacy name: the number of heads
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+    )
+
+
+def build_text_encoder(cfg: TrainConfig):
+    """A small CLIPTextModel over the full CLIP vocabulary (so the real tokenizer fits)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = clip_tokenizer()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg.text_width,
+            intermediate_size=cfg.text_width * 2,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=CLIP_CONTEXT,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+
+
+def noise_scheduler():
+    """The DDPM noise schedule of training (SD's), as the DDIMScheduler that gets saved."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD_NOISE_SCHEDULE)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Tokens:
+    """Caption -> ``(77,)`` CLIP ids, memoised (the Python BPE is slow; captions repeat)."""
+
+    def __init__(self) -> None:
+        self.tokenizer = clip_tokenizer()
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        rows = []
+        for text in captions:
+            ids = self._cache.get(text)
+            if ids is None:
+                ids = self.tokenizer(
+                    text, padding="max_length", max_length=CLIP_CONTEXT, truncation=True, return_tensors="pt"
+                ).input_ids[0]
+                self._cache[text] = ids
+            rows.append(ids)
+        return torch.stack(rows)
+
+
+def make_dataset(cfg: TrainConfig) -> list[Scene]:
+    """The training scenes (seeds ``0..num_scenes-1``), regenerated identically on resume."""
+    return [make_scene(train_seed(i), cfg.image_size) for i in range(cfg.num_scenes)]
+
+
+def images_tensor(scenes: list[Scene]) -> torch.Tensor:
+    """``(N, 3, H, W) float32`` in [-1, 1], the VAE's input range."""
+    arr = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def step_rng(cfg: TrainConfig, phase: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, phase, step])
+
+
+def captions_for(scenes: list[Scene], rng: np.random.Generator, p_uncond: float) -> tuple[list[str], list[str]]:
+    """A fresh caption per scene and its pattern-swapped twin ('' when no swap is possible).
+
+    Captions are re-drawn every step (template, word order, part of the scene), so the model
+    sees many sentences per image; ``p_uncond`` of them are empty (for guidance at sampling).
+    """
+    right, swapped = [], []
+    for scene in scenes:
+        cseed = int(rng.integers(2**31))
+        if rng.random() < p_uncond:
+            right.append("")
+            swapped.append("")
+            continue
+        text = make_caption(scene.background, scene.objects, cseed)
+        right.append(text)
+        twin = ""
+        if len(scene.objects) >= 2:
+            i, j = rng.permutation(len(scene.objects))[:2]
+            other = make_caption(scene.background, swap_patterns(scene.objects, int(i), int(j)), cseed)
+            if other != text:
+                twin = other
+        swapped.append(twin)
+    return right, swapped
+
+
+def sample_timesteps(cfg: TrainConfig, n: int, rng: np.random.Generator) -> torch.Tensor:
+    uniform = rng.integers(0, 1000, n)
+    mid = rng.integers(200, 700, n)
+    pick = rng.random(n) < cfg.mid_t_fraction
+    return torch.from_numpy(np.where(pick, mid, uniform)).long()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def log_line(out: Path, record: dict) -> None:
+    """Append one JSON line to ``train_log.jsonl`` and echo it (losses are the run's record)."""
+    with open(out / "train_log.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.decay = decay
+        self.shadow = [p.detach().clone() for m in modules for p in m.parameters()]
+
+    @torch.no_grad()
+    def update(self, modules: list[torch.nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, (p for m in modules for p in m.parameters()), strict=True):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: list[torch.nn.Module]) -> None:
+        for s, p in zip(self.shadow, (p for m in modules for p in m.parameters()), strict=True):
+            p.copy_(s)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, every_s: float) -> None:
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step = 0
+    if state.get("phase") == "vae":
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["vae_opt"])
+        step = state["step"]
+    last_save = time.time()
+    t0 = time.time()
+    vae.train()
+    while step < cfg.vae_steps:
+        rng = step_rng(cfg, 1, step)
+        idx = torch.from_numpy(rng.integers(0, len(images), cfg.vae_batch))
+        x = images[idx]
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + cfg.kl_weight * kl
+        lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0 or step == cfg.vae_steps:
+            log_line(out, {"phase": "vae", "step": step, "rec": round(rec.item(), 5), "kl": round(kl.item(), 3),
+                           "s_per_step": round((time.time() - t0) / 50, 3)})
+            t0 = time.time()
+        if time.time() - last_save > every_s and step < cfg.vae_steps:
+            _atomic_save({"config": dataclasses.asdict(cfg), "phase": "vae", "step": step,
+                          "vae": vae.state_dict(), "vae_opt": opt.state_dict()}, out / CHECKPOINT)
+            last_save = time.time()
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    state.clear()
+    state.update({"config": dataclasses.asdict(cfg), "phase": "unet", "step": 0, "vae": vae.state_dict(),
+                  "scaling_factor": scaling})
+    _atomic_save(state, out / CHECKPOINT)
+    log_line(out, {"phase": "vae", "done": True, "scaling_factor": scaling})
+
+
+def encode_latents(cfg: TrainConfig, state: dict, images: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """Posterior means x scaling factor of every training image: what the segmenter feeds the UNet."""
+    vae = build_vae(cfg)
+    vae.load_state_dict(state["vae"])
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)]
+        )
+    return vae, latents * state["scaling_factor"]
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred - target) ** 2).flatten(1).mean(1)
+
+
+def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.Tensor, state: dict,
+               every_s: float) -> tuple:
+    unet, text = build_unet(cfg), build_text_encoder(cfg)
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema = EMA([unet, text], cfg.ema_decay)
+    step = state.get("step", 0)
+    if "unet" in state:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema.shadow = state["ema"]
+    sched = noise_scheduler()
+    alphas = sched.alphas_cumprod.float()
+    tokens = Tokens()
+    unet.train()
+    text.train()
+    last_save, t0 = time.time(), time.time()
+    meter: dict[str, list[float]] = {"loss": [], "margin": [], "gap": []}
+    while step < cfg.steps:
+        rng = step_rng(cfg, 2, step)
+        idx = rng.integers(0, len(scenes), cfg.batch)
+        batch_scenes = [scenes[i] for i in idx]
+        right, swapped = captions_for(batch_scenes, rng, cfg.p_uncond)
+        x0 = latents[torch.from_numpy(idx)]
+        t = sample_timesteps(cfg, cfg.batch, rng)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+        use = [k for k, s in enumerate(swapped) if s][: max(0, int(cfg.batch * cfg.binding_fraction))]
+        if cfg.binding_weight > 0 and use:
+            ids = tokens(right + [swapped[k] for k in use])
+            cond = text(ids)[0]
+            sel = torch.tensor(use)
+            x_in = torch.cat([xt, xt[sel]])
+            t_in = torch.cat([t, t[sel]])
+        else:
+            cond = text(tokens(right))[0]
+            x_in, t_in, sel = xt, t, None
+        pred = unet(x_in, t_in, encoder_hidden_states=cond).sample
+        losses = per_sample_mse(pred[: cfg.batch], noise)
+        loss = losses.mean()
+        if sel is not None:
+            l_swap = per_sample_mse(pred[cfg.batch :], noise[sel])
+            l_right = losses[sel]
+            rel = (l_swap - l_right) / l_right.detach().clamp_min(1e-4)
+            margin = F.relu(cfg.binding_margin - rel).mean()
+            loss = loss + cfg.binding_weight * margin
+            meter["margin"].append(margin.item())
+            meter["gap"].append(rel.mean().item())
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update([unet, text], step)
+        meter["loss"].append(losses.mean().item())
+        step += 1
+        if step % 50 == 0 or step == cfg.steps:
+            record = {"phase": "unet", "step": step, "lr": round(lr, 6),
+                      "s_per_step": round((time.time() - t0) / max(1, len(meter["loss"])), 3)}
+            record.update({k: round(float(np.mean(v)), 5) for k, v in meter.items() if v})
+            log_line(out, record)
+            meter = {k: [] for k in meter}
+            t0 = time.time()
+        if time.time() - last_save > every_s or step == cfg.steps:
+            state.update({"phase": "unet", "step": step, "unet": unet.state_dict(), "text": text.state_dict(),
+                          "opt": opt.state_dict(), "ema": ema.shadow})
+            _atomic_save(state, out / CHECKPOINT)
+            last_save = time.time()
+    ema.copy_to([unet, text])
+    return unet, text
+
+
+# ----------------------------------------------------------------------------- export
+
+
+RECOMMENDED_PRESET = {
+    "size": 64,
+    "timestep": 100,
+    "attention_mode": "softmax",
+    "attention_factors": [4],
+    "attention_factor": 4,
+    "feature_blocks": [1, 2],
+    "feature_factor": 4,
+}
+
+
+def models_from_checkpoint(path: Path, *, use_ema: bool = True) -> tuple:
+    """``(cfg, vae, unet, text_encoder)`` from a checkpoint (EMA weights by default), in eval mode."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    vae = build_vae(cfg)
+    vae.load_state_dict(state["vae"])
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    unet, text = build_unet(cfg), build_text_encoder(cfg)
+    if "unet" in state:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        if use_ema:
+            _load_ema(state["ema"], [unet, text])
+    return cfg, vae.eval(), unet.eval(), text.eval()
+
+
+def _load_ema(shadow: list[torch.Tensor], modules: list[torch.nn.Module]) -> None:
+    with torch.no_grad():
+        for s, p in zip(shadow, (p for m in modules for p in m.parameters()), strict=True):
+            p.copy_(s)
+
+
+def export_model(folder: Path, vae, unet, text, *, preset: dict | None = None, notes: dict | None = None) -> Path:
+    """Save a diffusers Stable-Diffusion folder (+ ``maskdiffusion.json``), replacing ``folder`` atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".toy-", dir=folder.parent))
+    vae.save_pretrained(staging / "vae", safe_serialization=True)
+    unet.save_pretrained(staging / "unet", safe_serialization=True)
+    text.save_pretrained(staging / "text_encoder", safe_serialization=True)
+    clip_tokenizer().save_pretrained(staging / "tokenizer")
+    noise_scheduler().save_pretrained(staging / "scheduler")
+    save_model_index(staging)
+    info = {"preset": dict(preset or RECOMMENDED_PRESET)}
+    if notes:
+        info["notes"] = notes
+    (staging / "maskdiffusion.json").write_text(json.dumps(info, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export: bool = True) -> Path:
+    """Train (or resume) into ``out``; return the exported model folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    state: dict = {}
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = TrainConfig.from_dict(state["config"])
+        if saved != cfg:
+            print(f"resuming with the checkpoint's configuration (command-line differs): {saved}")
+            cfg = saved
+        log_line(out, {"resume": True, "phase": state["phase"], "step": state["step"]})
+    else:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    scenes = make_dataset(cfg)
+    images = images_tensor(scenes)
+    every_s = checkpoint_minutes * 60
+    if state.get("phase", "vae") == "vae":
+        train_vae(cfg, out, images, state, every_s)
+    vae, latents = encode_latents(cfg, state, images)
+    del images
+    unet, text = train_unet(cfg, out, scenes, latents, state, every_s)
+    if not export:
+        return out
+    return export_model(out / MODEL_DIR, vae, unet.eval(), text.eval(),
+                        notes={"train_config": dataclasses.asdict(cfg), "steps": cfg.steps})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, log, model/)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    parser.add_argument("--export-only", action="store_true",
+                        help="write OUT/model from the current checkpoint (EMA weights) and exit")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=list(field.default))
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if args.export_only:
+        _, vae, unet, text = models_from_checkpoint(args.out / CHECKPOINT)
+        print(export_model(args.out / MODEL_DIR, vae, unet, text))
+        return
+    print(run(cfg, args.out, checkpoint_minutes=args.checkpoint_minutes))
+
+
+if __name__ == "__main__":
+    main()
