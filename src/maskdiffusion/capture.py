@@ -98,15 +98,16 @@ class CaptureStore:
 
     def add_attention(self, scores: torch.Tensor, factor: int) -> None:
         """``scores``: ``(B, heads, N, K)`` float32 ``QK^T * scale`` of one layer."""
-        if self.attention_mode == "softmax":
-            scores = scores.log_softmax(dim=-1)
-        batch, heads, queries, keys = scores.shape
-        rows, cols = self.view_size[0] // factor, self.view_size[1] // factor
-        if rows * cols != queries:
-            raise RuntimeError(f"layer at factor {factor} has {queries} queries, expected {rows}x{cols}")
-        log_mean = torch.logsumexp(scores, dim=1) - math.log(heads)  # (B, N, K)
-        log_mean = log_mean.transpose(1, 2).reshape(batch, keys, rows, cols)
-        self.attention.append(resize_log_maps(log_mean, self.attention_grid))
+        with torch.autocast(scores.device.type, enabled=False):  # maps stay float32 under autocast
+            if self.attention_mode == "softmax":
+                scores = scores.log_softmax(dim=-1)
+            batch, heads, queries, keys = scores.shape
+            rows, cols = self.view_size[0] // factor, self.view_size[1] // factor
+            if rows * cols != queries:
+                raise RuntimeError(f"layer at factor {factor} has {queries} queries, expected {rows}x{cols}")
+            log_mean = torch.logsumexp(scores, dim=1) - math.log(heads)  # (B, N, K)
+            log_mean = log_mean.transpose(1, 2).reshape(batch, keys, rows, cols)
+            self.attention.append(resize_log_maps(log_mean, self.attention_grid))
 
     def layer_mean(self) -> torch.Tensor:
         """``(B, K, h, w)`` log of the mean over captured layers of the attention maps."""
@@ -156,7 +157,8 @@ class CaptureProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
         probs = scores.softmax(dim=-1)
         out = torch.matmul(probs.to(value.dtype), value)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -245,7 +247,8 @@ class UNetCapture:
         with self._installed([store], raw, stop_early), suppress(_PassComplete):
             output = self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
         feature_grid = (view[0] // self.preset.feature_factor, view[1] // self.preset.feature_factor)
-        for index in self.preset.feature_blocks:
-            normalised = F.normalize(raw[index].float(), dim=1)
-            store.features[index] = resize_maps(normalised, feature_grid)
+        with torch.autocast(latents.device.type, enabled=False):
+            for index in self.preset.feature_blocks:
+                normalised = F.normalize(raw[index].float(), dim=1)
+                store.features[index] = resize_maps(normalised, feature_grid)
         return store, output

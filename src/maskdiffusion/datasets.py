@@ -214,9 +214,7 @@ def _finish(
     missing_images = [f.image_path for f in files if not f.image_path.is_file()]
     if missing_images:
         shown = "\n".join(f"    {p}" for p in missing_images[:3])
-        raise _error(
-            name, f"{len(missing_images)} listed images are missing, e.g.\n{shown}", layout, [base]
-        )
+        raise _error(name, f"{len(missing_images)} listed images are missing, e.g.\n{shown}", layout, [base])
     if labelled:
         missing = [f for f in files if f.label_path is None or not f.label_path.is_file()]
         if missing:
@@ -282,7 +280,8 @@ def _decode_png_with_table(path: Path, table: np.ndarray) -> np.ndarray:
     return _lookup(read_index_png(path), table)
 
 
-def _decode_png_as_is(path: Path) -> np.ndarray:
+def decode_index_png(path: Path) -> np.ndarray:
+    """A label PNG whose values are the class indices, as ``(H, W) uint8`` (255 = ignore)."""
     values = read_index_png(path)
     if values.size and (values.min() < 0 or values.max() > 255):
         raise DatasetError(f"label {path} holds values outside 0..255; at most 255 classes are supported")
@@ -605,9 +604,7 @@ def _cocostuff(
         ids = _read_id_list(name, list_path, COCOSTUFF_LAYOUT)
     else:
         ids = [p.stem for p in image_dir.glob("*.jpg")]
-    files = [
-        SampleFile(i, image_dir / f"{i}.jpg", base / "annotations" / folder / f"{i}.png") for i in ids
-    ]
+    files = [SampleFile(i, image_dir / f"{i}.jpg", base / "annotations" / folder / f"{i}.png") for i in ids]
     decode = partial(_decode_png_with_table, table=table)
     return _finish(name, split, base, classes, files, decode, COCOSTUFF_LAYOUT)
 
@@ -640,10 +637,8 @@ def _voc2012(root: Path, split: str) -> Dataset:
     )
     _check_split(name, split, ("val", "train", "trainval"))
     ids = _read_id_list(name, base / "ImageSets" / "Segmentation" / f"{split}.txt", VOC_LAYOUT)
-    files = [
-        SampleFile(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids
-    ]
-    return _finish(name, split, base, VOC2012_CLASSES, files, _decode_png_as_is, VOC_LAYOUT, background_index=0)
+    files = [SampleFile(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
+    return _finish(name, split, base, VOC2012_CLASSES, files, decode_index_png, VOC_LAYOUT, background_index=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +661,11 @@ POTSDAM_COLOURS = {
     (255, 255, 0): 4,  # car
     (255, 0, 0): 5,  # clutter / background
 }
+
+# Class of each thresholded colour, indexed by 4*R + 2*G + B with R, G, B in {0, 1}.
+_POTSDAM_CODE_TABLE = _table(
+    {(r // 255) * 4 + (g // 255) * 2 + b // 255: c for (r, g, b), c in POTSDAM_COLOURS.items()}, 8
+)
 
 # The ISPRS 2D labelling benchmark's split of the 38 labelled tiles (the 14 tiles it held
 # out for testing are the usual val set).
@@ -706,7 +706,9 @@ def _decode_mat(path: Path, key: str, table: np.ndarray) -> np.ndarray:
     contents = loadmat(path, variable_names=[key])
     if key not in contents:
         raise DatasetError(f"label {path} has no variable {key!r} (STEGO's Potsdam .mat files hold {key!r})")
-    values = np.squeeze(np.asarray(contents[key]))
+    values = np.asarray(contents[key])
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
     if values.ndim != 2:
         raise DatasetError(f"label {path}: {key!r} has shape {values.shape}, expected (H, W)")
     return _lookup(values, table)
@@ -716,9 +718,7 @@ def _decode_isprs_colours(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     bits = (rgb >= 128).astype(np.int64)
-    code = bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]
-    table = _table({(r // 255) * 4 + (g // 255) * 2 + b // 255: c for (r, g, b), c in POTSDAM_COLOURS.items()}, 8)
-    return table[code]
+    return _POTSDAM_CODE_TABLE[bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]]
 
 
 def _potsdam3(root: Path, split: str) -> Dataset:
@@ -780,10 +780,8 @@ def _folder(root: Path, split: str) -> Dataset:
         lines.pop()
     classes = [" ".join(line.split()) for line in lines]
     if not classes or any(not c for c in classes):
-        raise _error(
-            name, "classes.txt must list one non-blank class per line (line i names label value i)",
-            FOLDER_LAYOUT, [base],
-        )  # fmt: skip
+        problem = "classes.txt must list one non-blank class per line (line i names label value i)"
+        raise _error(name, problem, FOLDER_LAYOUT, [base])
     images = {p.stem: p for p in sorted((base / "images").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     split_file = base / f"{split}.txt"
     if split_file.is_file():
@@ -792,11 +790,8 @@ def _folder(root: Path, split: str) -> Dataset:
         ids = list(images)
     else:
         raise DatasetError(f"data set 'folder' has no split {split!r}: add {split_file} or use --split val")
-    files = [
-        SampleFile(i, images.get(i, base / "images" / f"{i}.*"), base / "labels" / f"{i}.png")
-        for i in ids
-    ]
-    return _finish(name, split, base, classes, files, _decode_png_as_is, FOLDER_LAYOUT)
+    files = [SampleFile(i, images.get(i, base / "images" / f"{i}.*"), base / "labels" / f"{i}.png") for i in ids]
+    return _finish(name, split, base, classes, files, decode_index_png, FOLDER_LAYOUT)
 
 
 register_dataset(

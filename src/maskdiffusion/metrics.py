@@ -239,9 +239,7 @@ def scores(matrix: ConfusionMatrix | np.ndarray, class_names: Sequence[str]) -> 
     return {
         "mIoU": float(iou[present].mean()) if present.any() else None,
         "pixel_accuracy": float(hits.sum() / total * 100.0) if total else None,
-        "per_class_iou": {
-            name: float(iou[c]) if present[c] else None for c, name in enumerate(names)
-        },
+        "per_class_iou": {name: float(iou[c]) if present[c] else None for c, name in enumerate(names)},
         "num_classes_present": int(present.sum()),
         "num_pixels": total,
     }
@@ -275,8 +273,7 @@ def clusters_to_classes(matrix: ConfusionMatrix, cluster_to_class: np.ndarray) -
     mapping = np.asarray(cluster_to_class, dtype=np.int64)
     if mapping.shape != (matrix.num_predictions,):
         raise ValueError(
-            f"cluster_to_class has shape {mapping.shape}, expected ({matrix.num_predictions},): "
-            "one class per cluster"
+            f"cluster_to_class has shape {mapping.shape}, expected ({matrix.num_predictions},): one class per cluster"
         )
     result = ConfusionMatrix(matrix.num_classes, matrix.num_classes, matrix.ignore_index)
     result.unassigned[:] = matrix.unassigned

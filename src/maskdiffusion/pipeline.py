@@ -166,7 +166,9 @@ class MaskDiffusion:
         features = features.view(views, prompts, *features.shape[1:]).mean(dim=1)
         return attention.cpu(), features.cpu()
 
-    def _finish(self, item: _Pending, vocabulary: list[ClassName], weights: torch.Tensor, preset: Preset) -> Result:
+    def _finish(
+        self, item: _Pending, vocabulary: list[ClassName], weights: torch.Tensor, preset: Preset, keep_features: bool
+    ) -> Result:
         """Stitch an image's views and run the mask head: the image's :class:`Result`."""
         start = time.perf_counter()
         layout = item.layout
@@ -199,6 +201,7 @@ class MaskDiffusion:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "batch_size": self.batch_size,
             },
+            features=features if keep_features else None,
         )
 
     def segment_batch(
@@ -209,6 +212,7 @@ class MaskDiffusion:
         preset: str | Preset | None = None,
         errors: str = "raise",
         progress: object | None = None,
+        keep_features: bool = False,
     ) -> list[Result | ImageLoadError]:
         """Segment several images with one class list; their views share UNet batches.
 
@@ -220,6 +224,7 @@ class MaskDiffusion:
             errors: ``"raise"`` stops at the first unreadable image; ``"return"`` puts
                 the :class:`ImageLoadError` in that image's place and goes on.
             progress: optional callable, called with each finished item.
+            keep_features: also return each image's stitched features (``Result.features``).
 
         Returns:
             One :class:`Result` (or error) per image, in order.
@@ -272,7 +277,7 @@ class MaskDiffusion:
             while pending and len(pending[0].attention) == len(pending[0].layout.offsets):
                 done = pending.pop(0)
                 crops.pop(done.index, None)
-                results[done.index] = self._finish(done, vocabulary, weights, preset)
+                results[done.index] = self._finish(done, vocabulary, weights, preset, keep_features)
                 if progress:
                     progress(results[done.index])
         return results  # type: ignore[return-value]

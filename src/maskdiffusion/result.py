@@ -32,6 +32,8 @@ class Result:
             the attention grid covering the whole image.
         image: the input as RGB (for overlays).
         grid_scores: ``(C, hf, wf)`` float32 class scores on the feature grid.
+        features: ``(D, hf, wf)`` float32 stitched UNet features on the feature grid, kept
+            only when asked for (``keep_features=True``), e.g. for clustering.
     """
 
     classes: list[str]
@@ -45,6 +47,7 @@ class Result:
     source: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     runtime: dict[str, object] = field(default_factory=dict)
+    features: torch.Tensor | None = None
 
     @cached_property
     def scores(self) -> np.ndarray:

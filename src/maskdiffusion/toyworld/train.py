@@ -259,7 +259,8 @@ class EMA:
 # ----------------------------------------------------------------------------- phases
 
 
-def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, every_s: float) -> None:
+def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, every_s: float,
+              log_every: int = 50) -> None:
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
@@ -276,11 +277,16 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
         x = images[idx]
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        # Decode the mean plus a little noise: the segmenter only ever uses the posterior
+        # mean, and sampling at the initial unit variance drowns the signal for hundreds of
+        # steps.
+        z = posterior.mean + 0.05 * torch.randn_like(posterior.mean)
+        recon = vae.decode(z).sample
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         kl = posterior.kl().mean() / x[0].numel()
         loss = rec + cfg.kl_weight * kl
-        lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        warm = min(1.0, (step + 1) / max(1, min(50, cfg.vae_steps // 10)))
+        lr = cfg.vae_lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -288,9 +294,9 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 50 == 0 or step == cfg.vae_steps:
+        if step % log_every == 0 or step == cfg.vae_steps:
             log_line(out, {"phase": "vae", "step": step, "rec": round(rec.item(), 5), "kl": round(kl.item(), 3),
-                           "s_per_step": round((time.time() - t0) / 50, 3)})
+                           "s_per_step": round((time.time() - t0) / log_every, 3)})
             t0 = time.time()
         if time.time() - last_save > every_s and step < cfg.vae_steps:
             _atomic_save({"config": dataclasses.asdict(cfg), "phase": "vae", "step": step,
@@ -326,7 +332,7 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.Tensor, state: dict,
-               every_s: float) -> tuple:
+               every_s: float, log_every: int = 50) -> tuple:
     unet, text = build_unet(cfg), build_text_encoder(cfg)
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -387,7 +393,7 @@ def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.
         ema.update([unet, text], step)
         meter["loss"].append(losses.mean().item())
         step += 1
-        if step % 50 == 0 or step == cfg.steps:
+        if step % log_every == 0 or step == cfg.steps:
             record = {"phase": "unet", "step": step, "lr": round(lr, 6),
                       "s_per_step": round((time.time() - t0) / max(1, len(meter["loss"])), 3)}
             record.update({k: round(float(np.mean(v)), 5) for k, v in meter.items() if v})
@@ -463,11 +469,26 @@ def export_model(folder: Path, vae, unet, text, *, preset: dict | None = None, n
 # ----------------------------------------------------------------------------- main
 
 
-def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export: bool = True) -> Path:
-    """Train (or resume) into ``out``; return the exported model folder."""
+def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export: bool = True,
+        init_vae: Path | None = None, log_every: int = 50) -> Path:
+    """Train (or resume) into ``out``; return the exported model folder.
+
+    ``init_vae``: a checkpoint whose trained autoencoder is reused (the VAE phase is skipped),
+    so experiments on the UNet share one autoencoder.
+    """
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
     state: dict = {}
+    if not ckpt.exists() and init_vae is not None:
+        source = torch.load(init_vae, map_location="cpu", weights_only=False)
+        if "scaling_factor" not in source:
+            raise ValueError(f"--init-vae {init_vae}: that checkpoint has not finished its VAE phase yet")
+        vae_channels = tuple(source["config"]["vae_channels"])
+        cfg = dataclasses.replace(cfg, vae_channels=vae_channels, vae_steps=source["config"]["vae_steps"])
+        state = {"config": dataclasses.asdict(cfg), "phase": "unet", "step": 0, "vae": source["vae"],
+                 "scaling_factor": source["scaling_factor"]}
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        _atomic_save(state, ckpt)
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
@@ -482,10 +503,10 @@ def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export:
     images = images_tensor(scenes)
     every_s = checkpoint_minutes * 60
     if state.get("phase", "vae") == "vae":
-        train_vae(cfg, out, images, state, every_s)
+        train_vae(cfg, out, images, state, every_s, log_every)
     vae, latents = encode_latents(cfg, state, images)
     del images
-    unet, text = train_unet(cfg, out, scenes, latents, state, every_s)
+    unet, text = train_unet(cfg, out, scenes, latents, state, every_s, log_every)
     if not export:
         return out
     return export_model(out / MODEL_DIR, vae, unet.eval(), text.eval(),
@@ -497,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, log, model/)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    parser.add_argument("--init-vae", type=Path, default=None,
+                        help="reuse the trained autoencoder of another run's checkpoint.pt")
     parser.add_argument("--export-only", action="store_true",
                         help="write OUT/model from the current checkpoint (EMA weights) and exit")
     for field in dataclasses.fields(TrainConfig):
@@ -512,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         _, vae, unet, text = models_from_checkpoint(args.out / CHECKPOINT)
         print(export_model(args.out / MODEL_DIR, vae, unet, text))
         return
-    print(run(cfg, args.out, checkpoint_minutes=args.checkpoint_minutes))
+    print(run(cfg, args.out, checkpoint_minutes=args.checkpoint_minutes, init_vae=args.init_vae))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskdiffusion import ImageLoadError, MaskDiffusion, Preset, VocabularyError
+from maskdiffusion.prompts import build_prompts, parse_classes
+
+CLASSES = ["road", "traffic light", "car", "sky"]
+
+
+def picture(rng, height, width):
+    return (rng.random((height, width, 3)) * 255).astype(np.uint8)
+
+
+def test_result_shapes_follow_the_input_image(segmenter, rng):
+    result = segmenter(picture(rng, 100, 260), CLASSES)
+    assert result.classes == CLASSES
+    assert result.labels.shape == (100, 260) and result.labels.dtype == np.int64
+    assert result.labels.min() >= 0 and result.labels.max() < 4
+    assert result.scores.shape == (4, 100, 260) and result.scores.dtype == np.float32
+    # the attention grid covers the whole resized image (128 x 320 at 1/16)
+    assert result.attention.shape == (4, 128 // 16, 320 // 16)
+    assert np.allclose(result.attention.max(axis=(1, 2)), 1.0)
+    assert (result.labels == result.scores.argmax(axis=0)).mean() > 0.999
+
+
+def test_batched_equals_one_by_one(segmenter, rng):
+    images = [picture(rng, 128, 128), picture(rng, 90, 300), picture(rng, 200, 150)]
+    together = segmenter.segment_batch(images, CLASSES)
+    for image, batched in zip(images, together, strict=True):
+        alone = segmenter(image, CLASSES)
+        np.testing.assert_array_equal(alone.labels, batched.labels)
+        np.testing.assert_allclose(alone.scores, batched.scores, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(alone.attention, batched.attention, rtol=1e-4, atol=1e-6)
+
+
+def test_same_input_gives_the_same_output(segmenter, rng):
+    image = picture(rng, 128, 200)
+    noisy = segmenter.preset.replace(timestep=300, seed=7)
+    first, second = segmenter(image, CLASSES, preset=noisy), segmenter(image, CLASSES, preset=noisy)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.scores, second.scores)
+    clean = segmenter(image, CLASSES)
+    assert not np.array_equal(clean.scores, first.scores)  # the timestep really changes the pass
+
+
+@pytest.mark.parametrize("height, width", [(300, 4000), (4000, 300), (3, 5), (1, 1)])
+def test_extreme_sizes_segment_at_the_input_size(segmenter, rng, height, width):
+    result = segmenter(picture(rng, height, width), CLASSES)
+    assert result.labels.shape == (height, width)
+    assert np.isfinite(result.attention).all()
+
+
+def test_every_class_of_a_long_vocabulary_gets_a_map(segmenter, rng):
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink", "brown"]
+    things = ["chair", "table", "lamp", "door", "window", "bottle", "cup", "plate", "shelf", "sofa", "rug", "vase"]
+    names = [f"{c} {t}" for c in colours for t in things] + ["sky", "road", "traffic light"]
+    assert build_prompts(segmenter.tokenizer, parse_classes(names)).num_prompts > 2
+    result = segmenter(picture(rng, 64, 64), names)
+    assert result.attention.shape[0] == len(names) == 135
+    assert np.isfinite(result.attention).all() and np.allclose(result.attention.max(axis=(1, 2)), 1.0)
+    assert result.scores.shape[0] == 135
+
+
+def test_long_vocabulary_features_are_the_mean_over_prompt_passes(segmenter, rng):
+    image = picture(rng, 64, 64)
+    names = [f"word{i}" for i in range(40)]
+    prompts = build_prompts(segmenter.tokenizer, parse_classes(names))
+    assert prompts.num_prompts >= 2
+    text = segmenter.encode_prompts(prompts)
+    preset = segmenter.preset.replace(size=64)
+    latents = segmenter.encode_views(torch.zeros(1, 3, 64, 64), preset)
+    _, together = segmenter.capture(latents, text, preset)
+    separate = [segmenter.capture(latents, text[p : p + 1], preset)[1] for p in range(prompts.num_prompts)]
+    torch.testing.assert_close(together, torch.stack(separate).mean(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_background_threshold_marks_low_scores_as_background(segmenter, rng):
+    image = picture(rng, 64, 96)
+    result = segmenter(image, CLASSES, preset=segmenter.preset.replace(background_threshold=2.0))
+    assert (result.labels == -1).all()  # cosine scores never reach 2
+    assert (np.asarray(result.label_image()) == 255).all()
+    assert "background" in result.pixel_share()
+
+
+def test_preset_can_be_named_or_given_per_call(segmenter, rng):
+    image = picture(rng, 64, 64)
+    reference = segmenter(image, CLASSES, preset="reference")
+    assert reference.preset.normalize_prototypes is False
+    custom = segmenter(image, CLASSES, preset=Preset(size=64, attention_mode="softmax"))
+    assert custom.preset.attention_mode == "softmax" and custom.attention.shape == (4, 4, 4)
+
+
+def test_bad_settings_and_classes_fail_before_any_model_work(segmenter, rng):
+    image = picture(rng, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        segmenter(image, CLASSES, preset=segmenter.preset.replace(size=100))
+    with pytest.raises(ValueError, match="factor"):
+        segmenter(image, CLASSES, preset=segmenter.preset.replace(attention_factors=(4,)))
+    with pytest.raises(ValueError, match="unknown preset"):
+        segmenter(image, CLASSES, preset="fastest")
+    with pytest.raises(VocabularyError):
+        segmenter(image, ["road", "road"])
+
+
+def test_one_unreadable_image_does_not_lose_the_others(segmenter, rng, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(picture(rng, 64, 80)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    results = segmenter.segment_batch([good, bad, good], CLASSES, errors="return")
+    assert isinstance(results[1], ImageLoadError) and "bad.jpg" in str(results[1])
+    assert results[0].labels.shape == (64, 80) and results[2].labels.shape == (64, 80)
+    with pytest.raises(ImageLoadError):
+        segmenter.segment_batch([good, bad], CLASSES)
+
+
+def test_bfloat16_autocast_on_cpu_runs_and_mostly_agrees(tiny_model, rng):
+    image = picture(rng, 128, 128)
+    full = MaskDiffusion.from_pretrained(str(tiny_model), device="cpu", preset=Preset(size=128))
+    half = MaskDiffusion.from_pretrained(str(tiny_model), device="cpu", dtype="bfloat16", preset=Preset(size=128))
+    assert half.unet.dtype == torch.float32  # weights stay fp32 on the CPU; the passes run in bf16
+    a, b = full(image, CLASSES), half(image, CLASSES)
+    assert np.isfinite(b.scores).all()
+    assert (a.labels == b.labels).mean() > 0.8
+
+
+def test_save_writes_palette_labels_overlay_and_summary(segmenter, rng, tmp_path):
+    result = segmenter(picture(rng, 70, 90), CLASSES)
+    paths = result.save(tmp_path / "out", "scene")
+    labels = Image.open(paths["labels"])
+    assert labels.mode == "P" and labels.size == (90, 70)
+    np.testing.assert_array_equal(np.asarray(labels), result.labels)
+    overlay = Image.open(paths["overlay"])
+    assert overlay.height >= 70 and overlay.width > 90  # legend panel on the right
+    assert np.asarray(overlay)[:70, :90].std() > 0  # the image itself is in the top-left corner
+    import json
+
+    summary = json.loads(paths["json"].read_text())
+    assert [c["name"] for c in summary["classes"]] == CLASSES
+    assert summary["settings"]["size"] == 128 and summary["settings"]["device"] == "cpu"
+    assert abs(sum(summary["pixel_share"].values()) - 1.0) < 1e-6
+    assert not list((tmp_path / "out").glob(".*tmp"))  # no temp files left behind
