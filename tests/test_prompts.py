@@ -101,7 +101,7 @@ def test_bad_class_lists_are_usage_errors(classes, fragment):
 
 
 def test_class_longer_than_a_prompt_is_rejected(tokenizer):
-    with pytest.raises(VocabularyError, match="needs .* tokens"):
+    with pytest.raises(VocabularyError, match=r"needs .* tokens"):
         build_prompts(tokenizer, parse_classes(["word " * 80]))
 
 

@@ -121,11 +121,11 @@ def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
 def test_corrupt_file_error_names_the_file(tmp_path):
     path = tmp_path / "broken.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(ImageLoadError, match="broken.png"):
+    with pytest.raises(ImageLoadError, match=r"broken\.png"):
         load_image(path)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(ImageLoadError, match="notes.txt"):
+    with pytest.raises(ImageLoadError, match=r"notes\.txt"):
         load_image(text)
     with pytest.raises(ImageLoadError, match="does not exist"):
         load_image(tmp_path / "missing.jpg")

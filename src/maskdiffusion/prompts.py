@@ -72,11 +72,12 @@ class PromptBatch:
         return weights
 
 
-def parse_classes(classes: str | Sequence[str | Sequence[str]]) -> list[ClassName]:
+def parse_classes(classes: str | Sequence[str | Sequence[str] | ClassName]) -> list[ClassName]:
     """Normalise a user's class list; raise :class:`VocabularyError` on bad input.
 
     Accepts ``"road, traffic light, person|pedestrian"`` (comma-separated, ``|`` between
-    synonyms), a list of names, or a list whose items are lists of synonyms.
+    synonyms), a list of names, a list whose items are lists of synonyms, or a list of
+    :class:`ClassName`.
     """
     if isinstance(classes, str):
         items: list[str | Sequence[str]] = classes.split(",")
@@ -84,6 +85,8 @@ def parse_classes(classes: str | Sequence[str | Sequence[str]]) -> list[ClassNam
         items = list(classes)
     parsed: list[ClassName] = []
     for position, item in enumerate(items, start=1):
+        if isinstance(item, ClassName):
+            item = item.synonyms
         words = item.split("|") if isinstance(item, str) else list(item)
         words = [" ".join(str(word).split()) for word in words]
         if not words or any(not word for word in words):

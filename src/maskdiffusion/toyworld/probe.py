@@ -159,13 +159,16 @@ def _miou(conf: np.ndarray) -> float:
 
 @torch.no_grad()
 def segmentation(vae, unet, text, tokenizer, *, count: int = 100, timesteps: Sequence[int] = (0, 100, 300),
-                 factors: Sequence[Sequence[int]] = ((4,), (4, 8)), feature_blocks: Sequence[int] = (1, 2),
+                 factors: Sequence[Sequence[int]] = ((4,), (4, 8)), feature_blocks: Sequence[int] | None = None,
                  stream: int = 0) -> dict[str, float]:
     """Whole-vocabulary mIoU on ``count`` held-out scenes, for each timestep and layer set.
 
     Keys: ``attn_t{t}_f{factors}`` (attention-only argmax) and ``md_t{t}_f{factors}``
-    (prototypes of L2-normalised ``up_blocks[feature_blocks]`` outputs, cosine, argmax).
+    (prototypes of L2-normalised ``up_blocks[feature_blocks]`` outputs, cosine, argmax;
+    default: the last two up blocks).
     """
+    if feature_blocks is None:
+        feature_blocks = (len(unet.up_blocks) - 2, len(unet.up_blocks) - 1)
     classes = parse_classes(list(CLASS_NAMES))
     prompt = build_prompts(tokenizer, classes)
     weights = prompt.token_weights()[:, 0]  # (C, 77)
