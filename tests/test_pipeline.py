@@ -69,7 +69,7 @@ def test_long_vocabulary_features_are_the_mean_over_prompt_passes(segmenter):
     assert prompts.num_prompts >= 2
     text = segmenter.encode_prompts(prompts)
     preset = segmenter.preset.replace(size=64)
-    latents = segmenter.encode_views(torch.zeros(1, 3, 64, 64), preset)
+    latents = segmenter.encode_views(torch.zeros(1, 3, 64, 64))
     _, together = segmenter.capture(latents, text, preset)
     separate = [segmenter.capture(latents, text[p : p + 1], preset)[1] for p in range(prompts.num_prompts)]
     torch.testing.assert_close(together, torch.stack(separate).mean(dim=0), rtol=1e-4, atol=1e-5)
@@ -141,3 +141,48 @@ def test_save_writes_palette_labels_overlay_and_summary(segmenter, rng, tmp_path
     assert summary["settings"]["size"] == 128 and summary["settings"]["device"] == "cpu"
     assert abs(sum(summary["pixel_share"].values()) - 1.0) < 1e-6
     assert not list((tmp_path / "out").glob(".*tmp"))  # no temp files left behind
+
+
+def test_shared_queries_equal_the_plain_pass_for_one_prompt(segmenter, rng):
+    image = picture(rng, 96, 128)
+    plain = segmenter(image, CLASSES)
+    shared = segmenter(image, CLASSES, preset=segmenter.preset.replace(long_vocabulary="shared-queries"))
+    np.testing.assert_array_equal(plain.labels, shared.labels)
+    np.testing.assert_allclose(plain.attention, shared.attention, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_queries_give_the_first_layers_attention_for_another_prompt_exactly(segmenter):
+    # down_blocks.0 is the first cross-attention layer: its queries do not depend on the
+    # prompt, so attending from stored queries equals running the other prompt through it.
+    from maskdiffusion.capture import UNetCapture
+
+    preset = segmenter.preset.replace(size=64, attention_factors=(8,), attention_factor=8)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    first, second = torch.randn(2, 1, 77, 32, generator=gen)
+    capture = UNetCapture(segmenter.unet, segmenter.vae, preset)
+    with_first, _ = capture.run(latents, 0, first.expand(2, -1, -1), keep_queries=True)
+    with_second, _ = capture.run(latents, 0, second.expand(2, -1, -1))
+    attended = with_first.attend(second)
+    assert len(attended.attention) == len(with_second.attention) == 3  # down_blocks.0 + two up_blocks.3 layers
+    torch.testing.assert_close(attended.attention[0], with_second.attention[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_first.attention[0], with_second.attention[0], atol=1e-3)  # the prompt matters
+
+
+def test_requery_reuses_the_cached_latents_and_gives_the_same_result(tiny_model, rng):
+    seg = MaskDiffusion.from_pretrained(str(tiny_model), device="cpu", preset=Preset(size=64), cache_size=2)
+    calls = []
+    encode = seg.encode_views
+    seg.encode_views = lambda views: calls.append(len(views)) or encode(views)
+    image = picture(rng, 64, 200)  # 3 views
+    first = seg(image, CLASSES)
+    again = seg(image, ["road", "sky"])
+    assert calls == [3]  # the second query never touched the VAE
+    fresh = MaskDiffusion.from_pretrained(str(tiny_model), device="cpu", preset=Preset(size=64), cache_size=0)
+    np.testing.assert_array_equal(again.labels, fresh(image, ["road", "sky"]).labels)
+    np.testing.assert_array_equal(first.labels, fresh(image, CLASSES).labels)
+    for _ in range(3):
+        seg(picture(rng, 64, 64), CLASSES)
+    assert len(seg.latent_cache) == 2  # bounded: least recently used images are dropped
+    seg(image, CLASSES)
+    assert calls[-1] == 3  # evicted, so encoded again

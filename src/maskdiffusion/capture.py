@@ -95,6 +95,14 @@ class CaptureStore:
     attention_grid: tuple[int, int]
     attention: list[torch.Tensor] = field(default_factory=list)
     features: dict[int, torch.Tensor] = field(default_factory=dict)
+    keep_queries: bool = False
+    queries: list[tuple[object, int, torch.Tensor]] = field(default_factory=list)
+
+    def record(self, attn, query: torch.Tensor, scores: torch.Tensor, factor: int) -> None:
+        """Called by :class:`CaptureProcessor` for every captured layer."""
+        self.add_attention(scores, factor)
+        if self.keep_queries:
+            self.queries.append((attn, factor, query.float()))
 
     def add_attention(self, scores: torch.Tensor, factor: int) -> None:
         """``scores``: ``(B, heads, N, K)`` float32 ``QK^T * scale`` of one layer."""
@@ -113,6 +121,26 @@ class CaptureStore:
         """``(B, K, h, w)`` log of the mean over captured layers of the attention maps."""
         stacked = torch.stack(self.attention)
         return torch.logsumexp(stacked, dim=0) - math.log(len(self.attention))
+
+    def attend(self, text: torch.Tensor) -> CaptureStore:
+        """Attention of the stored queries to another prompt's keys, without a UNet pass.
+
+        ``text``: ``(1, T, E)`` or ``(B, T, E)`` embeddings. Returns a store whose
+        attention is what this pass would have recorded with ``text`` in the captured
+        layers: exact where a layer's queries do not depend on the prompt (the first
+        cross-attention layer), an approximation after it (those queries saw the
+        pass's own prompt).
+        """
+        other = CaptureStore(self.view_size, self.attention_mode, self.attention_grid)
+        for attn, factor, query in self.queries:
+            context = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+            key = attn.to_k(context.to(attn.to_k.weight.dtype))
+            key = key.view(key.shape[0], -1, attn.heads, query.shape[-1]).transpose(1, 2)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            with torch.autocast(query.device.type, enabled=False):
+                other.add_attention(torch.matmul(query, key.float().transpose(-1, -2)) * attn.scale, factor)
+        return other
 
 
 def resize_log_maps(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -166,7 +194,7 @@ class CaptureProcessor:
         if attn.residual_connection:
             out = out + residual
         out = out / attn.rescale_output_factor
-        self._store_ref[0].add_attention(scores, self.factor)
+        self._store_ref[0].record(attn, query, scores, self.factor)
         return out
 
 
@@ -232,16 +260,20 @@ class UNetCapture:
         text: torch.Tensor,
         *,
         stop_early: bool = True,
+        keep_queries: bool = False,
     ) -> tuple[CaptureStore, torch.Tensor | None]:
         """One pass over ``latents`` ``(B, c, h, w)`` with ``text`` ``(B, T, E)``.
 
         Returns the store (attention log-maps on the 1/``attention_factor`` grid,
-        features on the 1/``feature_factor`` grid) and the UNet output (``None`` when
-        the pass stopped early).
+        features on the 1/``feature_factor`` grid, and with ``keep_queries`` the captured
+        layers' queries for :meth:`CaptureStore.attend`) and the UNet output (``None``
+        when the pass stopped early).
         """
         view = (latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor)
         grid = (view[0] // self.preset.attention_factor, view[1] // self.preset.attention_factor)
-        store = CaptureStore(view_size=view, attention_mode=self.preset.attention_mode, attention_grid=grid)
+        store = CaptureStore(
+            view_size=view, attention_mode=self.preset.attention_mode, attention_grid=grid, keep_queries=keep_queries
+        )
         raw: dict[int, torch.Tensor] = {}
         output = None
         with self._installed([store], raw, stop_early), suppress(_PassComplete):

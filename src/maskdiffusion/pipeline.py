@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,9 +32,47 @@ class _Pending:
     image: object
     layout: ViewLayout
     source: str | None
+    key: str
+    latents: list[torch.Tensor | None]
     attention: list[torch.Tensor] = field(default_factory=list)
     features: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
+
+
+class LatentCache:
+    """Bounded LRU of VAE latents per (image pixels, view layout).
+
+    Asking about an image already seen (a new class list, another preset with the same
+    views) skips the VAE encoder, the most expensive part after the UNet. Holds at most
+    ``capacity`` images; 0 disables it.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(image, layout: ViewLayout) -> str:
+        digest = hashlib.blake2b(np.asarray(image).tobytes(), digest_size=16)
+        digest.update(repr((image.size, layout)).encode())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: str, latents: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = latents
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class MaskDiffusion:
@@ -51,6 +91,7 @@ class MaskDiffusion:
         dtype: torch.dtype = torch.float32,
         preset: str | Preset | None = None,
         batch_size: int = 4,
+        cache_size: int = 32,
     ):
         self.vae = components.vae
         self.unet = components.unet
@@ -66,6 +107,7 @@ class MaskDiffusion:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.latent_cache = LatentCache(cache_size)
 
     @classmethod
     def from_pretrained(
@@ -76,6 +118,7 @@ class MaskDiffusion:
         dtype: str | torch.dtype | None = None,
         preset: str | Preset | None = None,
         batch_size: int = 4,
+        cache_size: int = 32,
         local_files_only: bool | None = None,
     ) -> MaskDiffusion:
         """Load a Stable Diffusion 1.x/2.x model (hub id, folder, or ``tiny-random``).
@@ -87,13 +130,22 @@ class MaskDiffusion:
                 weights stay float32 and the passes run under bfloat16/float16 autocast.
             preset: default settings of this segmenter (name or :class:`Preset`).
             batch_size: views per UNet batch.
+            cache_size: images whose VAE latents are kept for re-queries (LRU; 0 = off).
         """
         device = pick_device(device)
         dtype = pick_dtype(dtype)
         folder = resolve_model_folder(model, local_files_only=local_files_only)
         weights_dtype = torch.float32 if device.type == "cpu" else dtype
         components = load_components(folder, device=device, dtype=weights_dtype)
-        return cls(components, model_id=model, device=device, dtype=dtype, preset=preset, batch_size=batch_size)
+        return cls(
+            components,
+            model_id=model,
+            device=device,
+            dtype=dtype,
+            preset=preset,
+            batch_size=batch_size,
+            cache_size=cache_size,
+        )
 
     # -- inputs --------------------------------------------------------------------
 
@@ -128,42 +180,50 @@ class MaskDiffusion:
             return self.text_encoder(prompts.input_ids.to(self.device))[0]
 
     @torch.no_grad()
-    def encode_views(self, views: torch.Tensor, preset: Preset) -> torch.Tensor:
-        """``(V, 3, S, S)`` pixels in [-1, 1] -> ``(V, c, S/f, S/f)`` latents at the preset's timestep."""
+    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """``(V, 3, S, S)`` pixels in [-1, 1] -> ``(V, c, S/f, S/f)`` clean latents (posterior mean)."""
         pixels = views.to(self.device, self.vae.dtype)
         with self._autocast():
             posterior = self.vae.encode(pixels).latent_dist.mean
         config = self.vae.config
-        latents = (posterior - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
-        if preset.timestep:
-            generator = torch.Generator().manual_seed(preset.seed)
-            noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents)
-            alpha = self.alphas_cumprod[preset.timestep].to(latents)
-            latents = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-        return latents
+        return (posterior - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
+    def add_noise(self, latents: torch.Tensor, preset: Preset) -> torch.Tensor:
+        """Latents at the preset's timestep: the same seeded noise for every view."""
+        if not preset.timestep:
+            return latents
+        generator = torch.Generator().manual_seed(preset.seed)
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents)
+        alpha = self.alphas_cumprod[preset.timestep].to(latents)
+        return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
 
     @torch.no_grad()
     def capture(self, latents: torch.Tensor, text: torch.Tensor, preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
-        """One UNet pass over every (view, prompt) pair.
+        """One UNet pass over every (view, prompt) pair (or, with ``shared-queries``, per view).
 
         Arguments:
             latents: ``(V, c, h, w)``; text: ``(P, T, E)``.
 
         Returns:
             ``(V, P, T, ha, wa)`` float32 attention log-maps (mean over heads and layers)
-            and ``(V, D, hf, wf)`` float32 features (mean over prompts).
+            and ``(V, D, hf, wf)`` float32 features (mean over the prompts' passes).
         """
         views, prompts = latents.shape[0], text.shape[0]
-        batch_latents = latents.repeat_interleave(prompts, dim=0)
-        batch_text = text.repeat(views, 1, 1).to(self.unet.dtype)
+        shared = preset.long_vocabulary == "shared-queries" and prompts > 1
+        passes = 1 if shared else prompts
+        batch_latents = latents.repeat_interleave(passes, dim=0).to(self.unet.dtype)
+        batch_text = text[:passes].repeat(views, 1, 1).to(self.unet.dtype)
+        capture = UNetCapture(self.unet, self.vae, preset)
         with self._autocast():
-            store, _ = UNetCapture(self.unet, self.vae, preset).run(
-                batch_latents.to(self.unet.dtype), preset.timestep, batch_text
-            )
-        attention = store.layer_mean()
-        attention = attention.view(views, prompts, *attention.shape[1:])
+            store, _ = capture.run(batch_latents, preset.timestep, batch_text, keep_queries=shared)
+            attention = store.layer_mean()
+            if shared:
+                attention = torch.stack(
+                    [attention, *(store.attend(text[p : p + 1]).layer_mean() for p in range(1, prompts))], 1
+                )
+        attention = attention.reshape(views, prompts, *attention.shape[-3:])
         features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
-        features = features.view(views, prompts, *features.shape[1:]).mean(dim=1)
+        features = features.view(views, passes, *features.shape[1:]).mean(dim=1)
         return attention.cpu(), features.cpu()
 
     def _finish(
@@ -254,7 +314,10 @@ class MaskDiffusion:
                     progress(error)
                 continue
             layout = ViewLayout.for_image(picture.size, preset.size, unit, preset.window_overlap)
-            item = _Pending(index=index, image=picture, layout=layout, source=source)
+            key = LatentCache.key(picture, layout)
+            cached = self.latent_cache.get(key)
+            latents = list(cached) if cached is not None else [None] * len(layout.offsets)
+            item = _Pending(index=index, image=picture, layout=layout, source=source, key=key, latents=latents)
             pending.append(item)
             queue.extend((item, v) for v in range(len(layout.offsets)))
 
@@ -262,11 +325,8 @@ class MaskDiffusion:
         for start in range(0, len(queue), self.batch_size):
             chunk = queue[start : start + self.batch_size]
             began = time.perf_counter()
-            for item, _ in chunk:
-                if item.index not in crops:
-                    crops[item.index] = item.layout.crops(item.image)
-            views = torch.stack([crops[item.index][v] for item, v in chunk])
-            latents = self.encode_views(views, preset)
+            self._encode_missing(chunk, crops)
+            latents = self.add_noise(torch.stack([item.latents[v] for item, v in chunk]), preset)
             attention, features = self.capture(latents, text, preset)
             attention = attention.flatten(1, 2)[:, used]
             share = (time.perf_counter() - began) / len(chunk)
@@ -276,11 +336,25 @@ class MaskDiffusion:
                 item.seconds += share
             while pending and len(pending[0].attention) == len(pending[0].layout.offsets):
                 done = pending.pop(0)
-                crops.pop(done.index, None)
                 results[done.index] = self._finish(done, vocabulary, weights, preset, keep_features)
                 if progress:
                     progress(results[done.index])
         return results  # type: ignore[return-value]
+
+    def _encode_missing(self, chunk: list[tuple[_Pending, int]], crops: dict[int, torch.Tensor]) -> None:
+        """VAE-encode the views of ``chunk`` that the latent cache did not have, in one batch."""
+        missing = [(item, v) for item, v in chunk if item.latents[v] is None]
+        if not missing:
+            return
+        for item, _ in missing:
+            if item.index not in crops:
+                crops[item.index] = item.layout.crops(item.image)
+        encoded = self.encode_views(torch.stack([crops[item.index][v] for item, v in missing]))
+        for (item, v), latent in zip(missing, encoded, strict=True):
+            item.latents[v] = latent
+            if all(latent is not None for latent in item.latents):
+                self.latent_cache.put(item.key, torch.stack(item.latents))
+                crops.pop(item.index, None)
 
     def __call__(self, image: ImageInput, classes: ClassesInput, *, preset: str | Preset | None = None) -> Result:
         """Segment one image: ``seg("street.jpg", classes=["road", "sky"])`` -> :class:`Result`."""

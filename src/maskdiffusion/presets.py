@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 AttentionMode = Literal["exp", "softmax"]
+LongVocabulary = Literal["batch", "shared-queries"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class Preset:
             background (-1; 255 in PNGs). ``None`` = every pixel gets a class.
         refine_steps: extra rounds where prototypes are recomputed from the current
             labelling (hard assignment) instead of the attention.
+        long_vocabulary: how vocabularies that need several prompts are run.
+            ``"batch"``: one UNet pass per prompt (batched); features are the mean over
+            the passes. ``"shared-queries"``: one pass with the first prompt; the other
+            prompts attend to that pass's stored queries of the captured layers (keys and
+            values come only from the text), so 171 classes cost about what 10 do; an
+            approximation, since later layers' queries saw only the first prompt.
     """
 
     size: int = 512
@@ -58,6 +65,7 @@ class Preset:
     normalize_prototypes: bool = True
     background_threshold: float | None = None
     refine_steps: int = 0
+    long_vocabulary: LongVocabulary = "batch"
 
     def replace(self, **changes) -> Preset:
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
@@ -90,6 +98,8 @@ class Preset:
             raise ValueError("attention_factors is empty: name at least one cross-attention layer factor")
         if not self.feature_blocks:
             raise ValueError("feature_blocks is empty: name at least one up block")
+        if self.long_vocabulary not in ("batch", "shared-queries"):
+            raise ValueError(f"long_vocabulary must be 'batch' or 'shared-queries', got {self.long_vocabulary!r}")
         if self.refine_steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
 
