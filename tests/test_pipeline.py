@@ -186,3 +186,14 @@ def test_requery_reuses_the_cached_latents_and_gives_the_same_result(tiny_model,
     assert len(seg.latent_cache) == 2  # bounded: least recently used images are dropped
     seg(image, CLASSES)
     assert calls[-1] == 3  # evicted, so encoded again
+
+
+def test_the_171_coco_stuff_names_each_get_a_map(segmenter, rng):
+    from maskdiffusion.datasets import COCOSTUFF171_CLASSES
+
+    assert len(COCOSTUFF171_CLASSES) == 171
+    prompts = build_prompts(segmenter.tokenizer, parse_classes(list(COCOSTUFF171_CLASSES)))
+    assert prompts.num_prompts > 2 and len(prompts.spans) == 171
+    result = segmenter(picture(rng, 64, 64), list(COCOSTUFF171_CLASSES), preset=segmenter.preset.replace(size=64))
+    assert result.attention.shape == (171, 4, 4)
+    assert np.isfinite(result.attention).all() and np.allclose(result.attention.max(axis=(1, 2)), 1.0)

@@ -1,0 +1,328 @@
+"""Speed and memory of maskdiffusion against the reference's compute pattern, in one run.
+
+Models have the published Stable Diffusion 1.5 shapes (UNet, VAE, CLIP text encoder) and,
+for the reference's feature branch, a CLIP ViT-L/14-336 image encoder, all with random
+weights: the same FLOPs and memory as the real checkpoints, no download. Repetitions are
+interleaved and the median reported; memory is the peak resident set (CPU) or
+``max_memory_allocated`` (GPU) during a call, plus the weights that approach has to hold.
+
+    python benchmarks/bench.py                 # fp32 + bf16 autocast on the CPU, ~12 min
+    python benchmarks/bench.py --quick         # fewer repetitions, no Cityscapes-sized case
+
+Writes the table to ``benchmarks/results/<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maskdiffusion import MaskDiffusion
+from maskdiffusion.loading import Components, model_presets
+from maskdiffusion.prompts import clip_tokenizer
+from maskdiffusion.tiny import SD_NOISE_SCHEDULE
+
+TEN_CLASSES = "road, sidewalk, building, wall, fence, pole, traffic light, vegetation, sky, car"
+OTHER_TEN = "person, rider, truck, bus, train, motorcycle, bicycle, terrain, traffic sign, bridge"
+
+
+def sd15_components(device: torch.device) -> tuple[Components, torch.nn.Module]:
+    """SD 1.5-shaped UNet, VAE and text encoder plus a CLIP ViT-L/14-336 image encoder, random."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # defaults are SD 1.x's
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    )  # fmt: skip
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                         image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    )  # fmt: skip
+    for module in (unet, vae, text, vision):
+        module.to(device).eval().requires_grad_(False)
+    schedule = DDPMScheduler(**{k: v for k, v in SD_NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
+    components = Components(vae, unet, text, clip_tokenizer(), schedule.alphas_cumprod, model_presets(Path(".")),
+                            Path("."))  # fmt: skip
+    return components, vision
+
+
+def weights_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+class PeakMemory:
+    """Peak memory while a block runs: RSS sampled every 5 ms (CPU) or the CUDA allocator's peak."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self._rss()
+        self.peak = self.base
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._running = False
+            self._thread.join()
+        self.extra = self.peak - self.base  # activations and temporaries above what was already held
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as stats:
+            return int(stats.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+
+class ReferencePattern:
+    """The reference's sequence of model calls (METHOD.md), with random SD 1.5-shaped models.
+
+    Attention branch on one squashed 512x512 view: VAE encode, a UNet pass at batch 1 (the
+    wasted inversion step), a UNet pass at batch 2 (classifier-free guidance) with explicit
+    attention in every layer (its hooks store exp maps), VAE decode. Feature branch per
+    512x512 crop: CLIP ViT-L/14-336 image encoder (implicit captioner), VAE encode, UNet pass,
+    VAE decode.
+    """
+
+    def __init__(self, components: Components, vision: torch.nn.Module, device: torch.device, autocast):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.c, self.vision, self.device, self.autocast = components, vision, device, autocast
+        self.explicit = AttnProcessor()
+
+    def _text(self, batch: int) -> torch.Tensor:
+        ids = torch.full((batch, 77), 49407, device=self.device)
+        return self.c.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def attention_branch(self, view: torch.Tensor) -> None:
+        c = self.c
+        with self.autocast():
+            latent = c.vae.encode(view).latent_dist.mean * 0.18215
+            text = self._text(2)
+            c.unet(latent, 0, encoder_hidden_states=text[:1])  # inversion step
+            original = c.unet.attn_processors
+            c.unet.set_attn_processor(self.explicit)
+            try:
+                c.unet(latent.repeat(2, 1, 1, 1), 0, encoder_hidden_states=text)
+            finally:
+                c.unet.set_attn_processor(original)
+            c.vae.decode(latent / 0.18215)
+
+    @torch.no_grad()
+    def feature_branch(self, crop: torch.Tensor) -> None:
+        c = self.c
+        with self.autocast():
+            pixels = torch.nn.functional.interpolate(crop, size=(336, 336), mode="bilinear")
+            embedding = self.vision(pixel_values=pixels).last_hidden_state[:, :77, :768]
+            latent = c.vae.encode(crop).latent_dist.mean * 0.18215
+            c.unet(latent, 0, encoder_hidden_states=embedding)
+            c.vae.decode(latent / 0.18215)
+
+    def one_view(self) -> None:
+        view = torch.rand(1, 3, 512, 512, device=self.device) * 2 - 1
+        self.attention_branch(view)
+        self.feature_branch(view)
+
+    def cityscapes(self) -> None:
+        """1024x2048: one squashed attention view and 8 sliding 512x512 feature crops."""
+        self.attention_branch(torch.rand(1, 3, 512, 512, device=self.device) * 2 - 1)
+        for _ in range(8):
+            self.feature_branch(torch.rand(1, 3, 512, 512, device=self.device) * 2 - 1)
+
+
+def measure(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, dict]:
+    """Run every case ``repeats`` times, interleaved; median/min/max seconds and peak memory."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    memory: dict[str, int] = dict.fromkeys(cases, 0)
+    for _ in range(repeats):
+        for name, run in cases.items():
+            with PeakMemory(device) as peak:
+                start = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+            memory[name] = max(memory[name], peak.extra)
+            print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
+    return {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "extra_memory": memory[name]}
+        for name, t in times.items()
+    }
+
+
+def coco_names() -> list[str]:
+    from maskdiffusion.datasets import COCOSTUFF171_CLASSES
+
+    return list(COCOSTUFF171_CLASSES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 repetition, skip the Cityscapes-sized case")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    repeats = 1 if args.quick else args.repeats
+    half = torch.bfloat16 if device.type == "cpu" else torch.float16
+    print(f"building SD 1.5-shaped random models on {device} ...", flush=True)
+    components, vision = sd15_components(device)
+    ours = MaskDiffusion(components, model_id="sd15-shaped-random", device=device, cache_size=0)
+    ours_half = MaskDiffusion(components, model_id="sd15-shaped-random", device=device, dtype=half, cache_size=0)
+    cached = MaskDiffusion(components, model_id="sd15-shaped-random", device=device, cache_size=8)
+    shared = ours.preset.replace(long_vocabulary="shared-queries")
+
+    def autocast_for(dtype):
+        if dtype == torch.float32:
+            return nullcontext
+        return lambda: torch.autocast(device.type, dtype=dtype)
+
+    reference = ReferencePattern(components, vision, device, autocast_for(torch.float32))
+    reference_half = ReferencePattern(components, vision, device, autocast_for(half))
+    rng = np.random.default_rng(0)
+    view = (rng.random((512, 512, 3)) * 255).astype(np.uint8)
+    street = (rng.random((1024, 2048, 3)) * 255).astype(np.uint8)
+    cached(view, TEN_CLASSES)  # warm the latent cache: the re-query case asks a new vocabulary
+    names = coco_names()
+
+    print("warm-up ...", flush=True)
+    ours(np.zeros((64, 64, 3), np.uint8), "a, b")
+    cases = {
+        "reference-pattern, 512x512": reference.one_view,
+        "ours, 512x512": lambda: ours(view, TEN_CLASSES),
+        "ours, re-query (new classes)": lambda: cached(view, OTHER_TEN),
+        f"reference-pattern {str(half).removeprefix('torch.')}, 512x512": reference_half.one_view,
+        f"ours {str(half).removeprefix('torch.')}, 512x512": lambda: ours_half(view, TEN_CLASSES),
+        "ours, 171 COCO-Stuff names (batch)": lambda: ours(view, names),
+        "ours, 171 COCO-Stuff names (shared-queries)": lambda: ours(view, names, preset=shared),
+        "ours, 10 names (shared-queries)": lambda: ours(view, TEN_CLASSES, preset=shared),
+    }
+    results = measure(cases, repeats, device)
+    if not args.quick:
+        results |= measure(
+            {
+                "reference-pattern, 1024x2048": reference.cityscapes,
+                "ours, 1024x2048": lambda: ours(street, TEN_CLASSES),
+            },
+            1,
+            device,
+        )
+    agreement = label_agreement(ours, ours_half, view)
+    write_report(results, agreement, components, vision, device, half, repeats, Path(args.out))
+    return 0
+
+
+def label_agreement(full: MaskDiffusion, half: MaskDiffusion, view: np.ndarray) -> float:
+    return float((full(view, TEN_CLASSES).labels == half(view, TEN_CLASSES).labels).mean())
+
+
+def write_report(results, agreement, components, vision, device, half, repeats, out: Path) -> None:
+    ours_weights = weights_bytes(components.unet, components.vae, components.text_encoder)
+    # The reference holds two SD checkpoints (v1.4 for attention, ODISE's v1.3 for features)
+    # and the CLIP image encoder.
+    reference_weights = ours_weights + weights_bytes(components.unet, vision)
+    half_name = str(half).removeprefix("torch.")
+    rows = []
+    for name, r in results.items():
+        weights = reference_weights if name.startswith("reference") else ours_weights
+        rows.append((name, r["median"], r["min"], r["max"], (weights + r["extra_memory"]) / 2**30))
+
+    def ratio(a: str, b: str, key: str = "median") -> float:
+        return results[a][key] / results[b][key]
+
+    def mem(name: str) -> float:
+        return next(row[4] for row in rows if row[0] == name)
+
+    lines = [
+        f"# Benchmark on {device_name(device)}",
+        "",
+        f"Python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"median of {repeats} interleaved repetitions (1 for 1024x2048). Random weights with SD 1.5 shapes "
+        "(UNet, VAE, CLIP-L text) + CLIP ViT-L/14-336 for the reference's feature branch. Memory = weights the "
+        "approach holds (reference: two SD UNets + VAE + text encoder + CLIP image encoder) + peak RSS above idle "
+        "during the call.",
+        "",
+        "| case | median s | min s | max s | peak memory GiB |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {m:.2f} | {lo:.2f} | {hi:.2f} | {g:.2f} |" for n, m, lo, hi, g in rows),
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+        f"| reference / ours, 512x512, fp32 | {ratio('reference-pattern, 512x512', 'ours, 512x512'):.2f}x | >= 5x |",
+    ]
+    if "ours, 1024x2048" in results:
+        lines.append(
+            f"| reference / ours, 1024x2048, fp32 | {ratio('reference-pattern, 1024x2048', 'ours, 1024x2048'):.2f}x "
+            "| >= 5x |"
+        )
+    lines += [
+        f"| memory ours / reference, 512x512 | {mem('ours, 512x512') / mem('reference-pattern, 512x512'):.2f} "
+        "| <= 0.7 |",
+        f"| ours {half_name} / ours fp32 time | {ratio(f'ours {half_name}, 512x512', 'ours, 512x512'):.2f} | <= 0.5 |",
+        f"| reference {half_name} / ours {half_name} | "
+        f"{ratio(f'reference-pattern {half_name}, 512x512', f'ours {half_name}, 512x512'):.2f}x | (same precision) |",
+        f"| labels ours {half_name} = ours fp32 (random weights) | {100 * agreement:.1f}% | >= 99% |",
+        f"| re-query / first query | {ratio('ours, re-query (new classes)', 'ours, 512x512'):.2f} | <= 0.4 |",
+        f"| 171 names / 10 names (batch) | {ratio('ours, 171 COCO-Stuff names (batch)', 'ours, 512x512'):.2f} | <= 3 |",
+        f"| 171 names / 10 names (shared-queries) | "
+        f"{ratio('ours, 171 COCO-Stuff names (shared-queries)', 'ours, 10 names (shared-queries)'):.2f} | <= 3 |",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    from maskdiffusion.files import write_text
+
+    write_text(out / f"{device.type}.md", text)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
