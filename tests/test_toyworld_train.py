@@ -11,14 +11,14 @@ TINY = TrainConfig(
     image_size=32,
     num_scenes=48,
     vae_channels=(8, 8),
-    vae_steps=30,
+    vae_steps=40,
     vae_batch=8,
     vae_lr=3e-3,
     unet_channels=(16, 32),
     unet_heads=2,
     text_width=16,
     text_heads=2,
-    steps=40,
+    steps=30,
     batch=8,
     lr=2e-3,
     warmup=5,
@@ -30,7 +30,7 @@ TINY = TrainConfig(
 def tiny_run(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toyrun")
-    model = run(TINY, out, checkpoint_minutes=0.0, log_every=5)
+    model = run(TINY, out, checkpoint_minutes=0.0, log_every=10)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return out, model, records
 
@@ -40,7 +40,7 @@ def test_a_few_steps_lower_both_losses(tiny_run):
     vae = [r["rec"] for r in records if r.get("phase") == "vae" and "rec" in r]
     unet = [r["loss"] for r in records if r.get("phase") == "unet" and "loss" in r]
     assert vae[-1] < vae[0]
-    assert sum(unet[-2:]) < sum(unet[:2])
+    assert unet[-1] < unet[0]
 
 
 def test_binding_margin_is_logged_when_enabled(tiny_run):
@@ -75,7 +75,7 @@ def test_saved_folder_reloads_with_diffusers_and_transformers(tiny_run):
 def test_rerunning_a_finished_run_resumes_instead_of_restarting(tiny_run):
     out, _, _ = tiny_run
     before = (out / "train_log.jsonl").read_text().count("\n")
-    run(TINY, out, checkpoint_minutes=0.0, log_every=5)
+    run(TINY, out, checkpoint_minutes=0.0, log_every=10)
     lines = (out / "train_log.jsonl").read_text().splitlines()[before:]
     assert json.loads(lines[0])["resume"] is True
     assert not any(json.loads(line).get("phase") == "vae" and "rec" in json.loads(line) for line in lines)

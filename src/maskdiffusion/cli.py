@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     demo.add_argument("--size", type=int, default=256, help="view short side (default 256)")
     demo.set_defaults(run=cmd_demo)
+
+    from .evaluation import add_evaluate_command
+    from .web import add_serve_command
+
+    add_evaluate_command(commands)
+    add_serve_command(commands)
     return parser
 
 

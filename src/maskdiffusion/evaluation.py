@@ -288,7 +288,16 @@ class Evaluation:
     def _image_size(self, item: _Item) -> tuple[int, int]:
         return item.result.labels.shape
 
+    def _failed(self, state: ShardState, item: _Item) -> None:
+        """Record (and report once) a sample that could not be read; the run goes on."""
+        if item.id not in state.failed:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"warning: sample {item.id!r} skipped: {item.error}", file=sys.stderr)
+        state.failed[item.id] = item.error
+
     def _count(self, items: Sequence[_Item]) -> None:
+        """Count the images handled by this process; with ``KILL_ENV`` set, die like a killed run."""
         self.handled += len(items)
         if self.kill_after is not None and self.handled >= self.kill_after:
             os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
@@ -345,7 +354,9 @@ class Evaluation:
                 state.pool_chunks.append(name)
             state.pooled.extend(pending)
             state.save(path)
-            positions.clear(), chunks.clear(), pending.clear()
+            positions.clear()
+            chunks.clear()
+            pending.clear()
 
         with self._bar(total, len(pooled), "pass 1/2: pooling features") as bar:
             for group in self.my_groups:
@@ -354,7 +365,7 @@ class Evaluation:
                 items = self._segment(group, keep_features=True)
                 for item in items:
                     if item.error is not None:
-                        state.failed[item.id] = item.error
+                        self._failed(state, item)
                     else:
                         picked = sample_pixels(item.result.features, per_image, stable_seed(self.seed, item.id))
                         positions.append(item.index)
@@ -409,7 +420,7 @@ class Evaluation:
                 items = self._segment(runnable, keep_features=self.mode == "unsupervised")
                 for item in items:
                     if item.error is not None:
-                        state.failed[item.id] = item.error
+                        self._failed(state, item)
                     else:
                         self._score(item, state, centroids)
                     bar.update(1)
@@ -593,8 +604,10 @@ def evaluate(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if clustering not in CLUSTERINGS:
         raise ValueError(f"clustering must be one of {CLUSTERINGS}, got {clustering!r}")
-    if clusters is not None and clusters < 1:
-        raise ValueError(f"clusters must be >= 1, got {clusters}")
+    if clusters is not None and (clusters < 1 or mode != "unsupervised"):
+        raise ValueError(
+            f"clusters (K of k-means) must be >= 1 and needs mode='unsupervised', got {clusters} in {mode!r}"
+        )
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if save_every < 1:
@@ -762,6 +775,8 @@ def _run(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 def _worker(local_rank: int, args: argparse.Namespace, world_size: int, init_file: str, threads: int) -> None:
     """One ``--num-processes`` worker; usage errors exit 2 (reported by rank 0 only)."""
+    from .loading import ModelNotFoundError
+
     torch.set_num_threads(threads)
     try:
         device = _device_for(args.device, local_rank, world_size)
@@ -769,10 +784,10 @@ def _worker(local_rank: int, args: argparse.Namespace, world_size: int, init_fil
             backend_for(torch.device(device)), rank=local_rank, world_size=world_size, init_method=f"file://{init_file}"
         )
         _run(args, device)
-    except (DatasetError, RunDirError, ValueError) as error:
+    except (DatasetError, RunDirError, ValueError, ModelNotFoundError) as error:
         if local_rank == 0:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(1 if isinstance(error, ModelNotFoundError) else EXIT_USAGE)
     finally:
         shutdown()
 
@@ -790,8 +805,6 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``maskdiffusion evaluate``: one process, ``--num-processes N`` local workers, or a torchrun rank."""
-    import json
-
     launch = launched_by_env()
     try:
         if launch is not None and args.num_processes > 1:
@@ -800,32 +813,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         open_dataset(args)  # a missing or malformed data set fails here, before any model is loaded
         if launch is not None:
-            device = _device_for(args.device, launch.local_rank, launch.world_size)
-            init_process_group(backend_for(torch.device(device)))
-            try:
-                args.out = Comm(launch.rank, launch.world_size).broadcast(args.out or _default_out())
-                metrics = _run(args, device)
-            finally:
-                shutdown()
-            if launch.rank == 0:
-                print(_summary(metrics, Path(args.out)))
-            return 0
+            return _run_launched(args, launch)
         args.out = args.out or _default_out()
         if args.num_processes == 1:
             print(_summary(_run(args, args.device), Path(args.out)))
             return 0
+        _check_gpus(args)
     except (DatasetError, RunDirError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if launch is None or launch.rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    return _run_spawned(args)
 
-    from torch.multiprocessing import ProcessExitedException
+
+def _check_gpus(args: argparse.Namespace) -> None:
+    """``--num-processes`` on GPUs needs one GPU per process; say so before starting any."""
+    from .loading import pick_device
+
+    if pick_device(args.device).type == "cuda" and torch.cuda.device_count() < args.num_processes:
+        raise ValueError(
+            f"--num-processes {args.num_processes} needs one GPU per process but {torch.cuda.device_count()} "
+            f"GPU(s) are visible: use --num-processes {torch.cuda.device_count()} (or --device cpu)"
+        )
+
+
+def _run_launched(args: argparse.Namespace, launch) -> int:
+    """This process is one rank of a torchrun / accelerate job."""
+    device = _device_for(args.device, launch.local_rank, launch.world_size)
+    init_process_group(backend_for(torch.device(device)))
+    try:
+        args.out = Comm(launch.rank, launch.world_size).broadcast(args.out or _default_out())
+        metrics = _run(args, device)
+    finally:
+        shutdown()
+    if launch.rank == 0:
+        print(_summary(metrics, Path(args.out)))
+    return 0
+
+
+def _run_spawned(args: argparse.Namespace) -> int:
+    """Start ``--num-processes`` local workers (rank 0 writes the results) and wait for them.
+
+    CPU workers share the cores: each gets ``threads // N`` torch threads.
+    """
+    import json
+
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     threads = max(1, torch.get_num_threads() // args.num_processes)
     with tempfile.TemporaryDirectory(prefix="maskdiffusion-rendezvous-") as folder:
         try:
             spawn(_worker, args.num_processes, (args, args.num_processes, str(Path(folder) / "init"), threads))
         except ProcessExitedException as error:
-            return error.exit_code if error.exit_code == EXIT_USAGE else 1
+            return EXIT_USAGE if error.exit_code == EXIT_USAGE else 1
+        except ProcessRaisedException as error:
+            print(f"error: an evaluation worker failed:\n{error}", file=sys.stderr)
+            return 1
     metrics = json.loads((Path(args.out) / "metrics.json").read_text(encoding="utf-8"))
     print(_summary(metrics, Path(args.out)))
     return 0

@@ -19,7 +19,7 @@ from . import files, visualize
 from .metrics import ConfusionMatrix, scores
 
 CHART_FILE = "per_class_iou.png"
-FIGURE_HEIGHT = 320  # display height of each figure panel, in pixels
+FIGURE_HEIGHT = (160, 320)  # display height range of a figure panel, in pixels
 
 PROTOCOLS = {
     ("open-vocab", None): "open-vocabulary: class words as prompts, dataset-level confusion matrix",
@@ -60,6 +60,7 @@ def build_metrics(
         "per_class_iou": result["per_class_iou"],
         "num_classes_present": result["num_classes_present"],
         "num_pixels": result["num_pixels"],
+        "num_samples": num_images + len(failed),
         "num_images": num_images,
         "num_failed": len(failed),
         "failed": [{"id": key, "reason": failed[key]} for key in sorted(failed)],
@@ -157,6 +158,11 @@ def report_markdown(metrics: dict[str, Any], *, chart: str | None, figures: Sequ
     )
     if chart:
         lines += ["", f"![per-class IoU]({chart})"]
+    if "cluster_to_class" in metrics:
+        lines += ["", "## Cluster -> class (one Hungarian matching over the data set)", ""]
+        for cluster, target in enumerate(metrics["cluster_to_class"]):
+            name = metrics["class_names"][target] if target >= 0 else "(unmatched: its pixels count as misses)"
+            lines.append(f"- cluster {cluster} -> {name}")
     if metrics["failed"]:
         lines += ["", "## Failed samples", ""]
         lines += [f"- `{item['id']}`: {item['reason']}" for item in metrics["failed"]]
@@ -177,8 +183,10 @@ def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[str])
     return files.write_text(out_dir / "report.md", text)
 
 
-def _fit(picture: Image.Image, height: int, resample: Image.Resampling) -> Image.Image:
-    if picture.height <= height:
+def _fit(picture: Image.Image, resample: Image.Resampling) -> Image.Image:
+    """Scale a panel into the display height range, keeping its aspect ratio."""
+    height = min(max(picture.height, FIGURE_HEIGHT[0]), FIGURE_HEIGHT[1])
+    if height == picture.height:
         return picture
     width = max(1, round(picture.width * height / picture.height))
     return picture.resize((width, height), resample)
@@ -199,13 +207,9 @@ def comparison_figure(
     colours = visualize.palette(len(names))
     truth = np.where(ground_truth == 255, -1, ground_truth.astype(np.int64))
     panels = [
-        _fit(
-            image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR),
-            FIGURE_HEIGHT,
-            Image.Resampling.BILINEAR,
-        ),
-        _fit(Image.fromarray(visualize.colorize(truth, colours)), FIGURE_HEIGHT, Image.Resampling.NEAREST),
-        _fit(Image.fromarray(visualize.colorize(prediction, colours)), FIGURE_HEIGHT, Image.Resampling.NEAREST),
+        _fit(image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR), Image.Resampling.BILINEAR),
+        _fit(Image.fromarray(visualize.colorize(truth, colours)), Image.Resampling.NEAREST),
+        _fit(Image.fromarray(visualize.colorize(prediction, colours)), Image.Resampling.NEAREST),
     ]
     present = sorted({int(c) for c in np.unique(truth) if c >= 0} | {int(c) for c in np.unique(prediction) if c >= 0})
     key = visualize.legend([names[c] for c in present], colours[present], height=panels[0].height)

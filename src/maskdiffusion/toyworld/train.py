@@ -42,6 +42,7 @@ from .world import IMAGE_SIZE, Scene, make_caption, make_scene, swap_patterns, t
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
+LATENTS = "latents.pt"
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,8 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
         step = state["step"]
     last_save = time.time()
     t0 = time.time()
+    recs: list[float] = []
+    kls: list[float] = []
     vae.train()
     while step < cfg.vae_steps:
         rng = step_rng(cfg, 1, step)
@@ -294,9 +297,13 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
+        recs.append(rec.item())
+        kls.append(kl.item())
         if step % log_every == 0 or step == cfg.vae_steps:
-            log_line(out, {"phase": "vae", "step": step, "rec": round(rec.item(), 5), "kl": round(kl.item(), 3),
-                           "s_per_step": round((time.time() - t0) / log_every, 3)})
+            log_line(out, {"phase": "vae", "step": step, "rec": round(float(np.mean(recs)), 5),
+                           "kl": round(float(np.mean(kls)), 3),
+                           "s_per_step": round((time.time() - t0) / len(recs), 3)})
+            recs, kls = [], []
             t0 = time.time()
         if time.time() - last_save > every_s and step < cfg.vae_steps:
             _atomic_save({"config": dataclasses.asdict(cfg), "phase": "vae", "step": step,
@@ -304,7 +311,7 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
             last_save = time.time()
     vae.eval()
     with torch.no_grad():
-        means = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        means = vae.encode(images[:2048]).latent_dist.mean
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     state.clear()
@@ -314,17 +321,28 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
     log_line(out, {"phase": "vae", "done": True, "scaling_factor": scaling})
 
 
-def encode_latents(cfg: TrainConfig, state: dict, images: torch.Tensor) -> tuple[object, torch.Tensor]:
-    """Posterior means x scaling factor of every training image: what the segmenter feeds the UNet."""
+def encode_latents(cfg: TrainConfig, state: dict, images: torch.Tensor, cache: Path) -> tuple[object, torch.Tensor]:
+    """Posterior means x scaling factor of every training image: what the segmenter feeds the UNet.
+
+    Cached in ``cache`` (keyed by the autoencoder's scaling factor and the scene count), since
+    encoding 20k images costs minutes on one core.
+    """
     vae = build_vae(cfg)
     vae.load_state_dict(state["vae"])
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     vae.eval().requires_grad_(False)
+    key = {"scaling_factor": state["scaling_factor"], "num_scenes": len(images), "seed": cfg.seed}
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=False)
+        if saved["key"] == key:
+            return vae, saved["latents"]
     with torch.no_grad():
         latents = torch.cat(
             [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)]
         )
-    return vae, latents * state["scaling_factor"]
+    latents = latents * state["scaling_factor"]
+    _atomic_save({"key": key, "latents": latents}, cache)
+    return vae, latents
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -489,6 +507,8 @@ def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export:
                  "scaling_factor": source["scaling_factor"]}
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         _atomic_save(state, ckpt)
+        if (Path(init_vae).parent / LATENTS).exists():
+            shutil.copyfile(Path(init_vae).parent / LATENTS, out / LATENTS)
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
@@ -504,7 +524,7 @@ def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export:
     every_s = checkpoint_minutes * 60
     if state.get("phase", "vae") == "vae":
         train_vae(cfg, out, images, state, every_s, log_every)
-    vae, latents = encode_latents(cfg, state, images)
+    vae, latents = encode_latents(cfg, state, images, out / LATENTS)
     del images
     unet, text = train_unet(cfg, out, scenes, latents, state, every_s, log_every)
     if not export:
