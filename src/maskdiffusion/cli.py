@@ -1,4 +1,4 @@
-"""Command line: ``maskdiffusion segment | demo`` (flags map onto a Preset, nothing more)."""
+"""Command line: ``maskdiffusion segment | demo | evaluate | serve`` (flags map onto a Preset, nothing more)."""
 
 from __future__ import annotations
 
