@@ -9,16 +9,16 @@ from maskdiffusion.toyworld.train import TrainConfig, run
 
 TINY = TrainConfig(
     image_size=32,
-    num_scenes=48,
+    num_scenes=32,
     vae_channels=(8, 8),
-    vae_steps=40,
+    vae_steps=30,
     vae_batch=8,
     vae_lr=3e-3,
     unet_channels=(16, 32),
     unet_heads=2,
     text_width=16,
     text_heads=2,
-    steps=30,
+    steps=20,
     batch=8,
     lr=2e-3,
     warmup=5,
@@ -30,7 +30,7 @@ TINY = TrainConfig(
 def tiny_run(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toyrun")
-    model = run(TINY, out, checkpoint_minutes=0.0, log_every=10)
+    model = run(TINY, out, checkpoint_minutes=60.0, log_every=10)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return out, model, records
 
@@ -61,8 +61,9 @@ def test_saved_folder_reloads_with_diffusers_and_transformers(tiny_run):
     text = CLIPTextModel.from_pretrained(model / "text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
     DDIMScheduler.from_pretrained(model / "scheduler")
-    ids = tokenizer(["a striped circle on a brick wall"], padding="max_length", max_length=77,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["a striped circle on a brick wall"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         latent = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean * vae.config.scaling_factor
         out = unet(latent, torch.tensor([10]), encoder_hidden_states=text(ids)[0]).sample
@@ -72,10 +73,19 @@ def test_saved_folder_reloads_with_diffusers_and_transformers(tiny_run):
     assert {"size", "timestep", "attention_factors", "feature_blocks"} <= set(preset)
 
 
+def test_recommended_settings_are_read_by_the_core_loader(tiny_run):
+    from maskdiffusion.loading import model_presets
+
+    _, model, _ = tiny_run
+    presets = model_presets(model)
+    assert presets["default"].size == 64 and presets["default"].attention_factors == (4,)
+    assert presets["reference"].attention_factors == (8, 16)
+
+
 def test_rerunning_a_finished_run_resumes_instead_of_restarting(tiny_run):
     out, _, _ = tiny_run
     before = (out / "train_log.jsonl").read_text().count("\n")
-    run(TINY, out, checkpoint_minutes=0.0, log_every=10)
+    run(TINY, out, checkpoint_minutes=60.0, log_every=10)
     lines = (out / "train_log.jsonl").read_text().splitlines()[before:]
     assert json.loads(lines[0])["resume"] is True
     assert not any(json.loads(line).get("phase") == "vae" and "rec" in json.loads(line) for line in lines)

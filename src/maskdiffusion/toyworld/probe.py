@@ -100,8 +100,9 @@ def _noised(vae, scenes: Sequence[Scene], t: int, seed: int) -> tuple[torch.Tens
 
 
 def _ids(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    return tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def explicit_caption(background: str, objects) -> str:
@@ -111,8 +112,9 @@ def explicit_caption(background: str, objects) -> str:
 
 
 @torch.no_grad()
-def text_tests(vae, unet, text, tokenizer, *, count: int = 96, timesteps: Sequence[int] = (300, 500),
-               stream: int = 1) -> dict[str, float]:
+def text_tests(
+    vae, unet, text, tokenizer, *, count: int = 96, timesteps: Sequence[int] = (300, 500), stream: int = 1
+) -> dict[str, float]:
     """Denoising error with the right, another scene's, and a pattern-swapped caption.
 
     Scenes come from held-out stream ``stream`` and have two or more objects. Returns
@@ -158,9 +160,18 @@ def _miou(conf: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def segmentation(vae, unet, text, tokenizer, *, count: int = 100, timesteps: Sequence[int] = (0, 100, 300),
-                 factors: Sequence[Sequence[int]] = ((4,), (4, 8)), feature_blocks: Sequence[int] | None = None,
-                 stream: int = 0) -> dict[str, float]:
+def segmentation(
+    vae,
+    unet,
+    text,
+    tokenizer,
+    *,
+    count: int = 100,
+    timesteps: Sequence[int] = (0, 100, 300),
+    factors: Sequence[Sequence[int]] = ((4,), (4, 8)),
+    feature_blocks: Sequence[int] | None = None,
+    stream: int = 0,
+) -> dict[str, float]:
     """Whole-vocabulary mIoU on ``count`` held-out scenes, for each timestep and layer set.
 
     Keys: ``attn_t{t}_f{factors}`` (attention-only argmax) and ``md_t{t}_f{factors}``
@@ -175,8 +186,9 @@ def segmentation(vae, unet, text, tokenizer, *, count: int = 100, timesteps: Seq
     cond1 = text(prompt.input_ids)[0]
     store = install_probes(unet)
     feats: dict[int, torch.Tensor] = {}
-    hooks = [unet.up_blocks[i].register_forward_hook(lambda m, a, o, i=i: feats.__setitem__(i, o))
-             for i in feature_blocks]
+    hooks = [
+        unet.up_blocks[i].register_forward_hook(lambda m, a, o, i=i: feats.__setitem__(i, o)) for i in feature_blocks
+    ]
     scenes = [make_scene(eval_seed(i, stream)) for i in range(count)]
     size = scenes[0].image.shape[0]
     n_cls = len(CLASS_NAMES)
@@ -194,12 +206,20 @@ def segmentation(vae, unet, text, tokenizer, *, count: int = 100, timesteps: Seq
                 by_factor.setdefault(size // side, []).append(maps)
             grid = min(by_factor)  # finest cross-attention grid
             side = size // grid
-            f = torch.cat([F.normalize(F.interpolate(feats[i], size=(side, side), mode="bilinear",
-                                                     align_corners=False), dim=1) for i in feature_blocks], 1)
+            f = torch.cat(
+                [
+                    F.normalize(F.interpolate(feats[i], size=(side, side), mode="bilinear", align_corners=False), dim=1)
+                    for i in feature_blocks
+                ],
+                1,
+            )
             f = F.normalize(f, dim=1)
             for fs in factors:
-                layers = [F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
-                          for fac in fs for m in by_factor.get(fac, [])]
+                layers = [
+                    F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+                    for fac in fs
+                    for m in by_factor.get(fac, [])
+                ]
                 if not layers:
                     continue
                 att = torch.stack(layers).mean(0)
@@ -216,6 +236,66 @@ def segmentation(vae, unet, text, tokenizer, *, count: int = 100, timesteps: Seq
     return {name: round(_miou(conf), 4) for name, conf in confs.items()}
 
 
+def _caption_with_spans(tokenizer, background: str, objects) -> tuple[torch.Tensor, dict[int, list[int]]]:
+    """Ids of the explicit caption and, per present class, the positions of its words.
+
+    CLIP's BPE splits on spaces first, so the word-by-word ids concatenate to the ids of the
+    whole caption.
+    """
+    pieces: list[tuple[str, int | None]] = []
+    for k, obj in enumerate(objects):
+        pieces.append((("and " if k else "") + f"a {obj.pattern}", None))
+        pieces.append((obj.shape, CLASS_NAMES.index(obj.shape)))
+    article = _BACKGROUND_PHRASES[background].split()[: -len(background.split())]
+    pieces.append((" ".join(["on", *article]), None))
+    pieces.append((background, CLASS_NAMES.index(background)))
+    ids = [tokenizer.bos_token_id]
+    spans: dict[int, list[int]] = {}
+    for text, cls in pieces:
+        piece = list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+        if cls is not None:
+            spans.setdefault(cls, []).extend(range(len(ids), len(ids) + len(piece)))
+        ids += piece
+    ids.append(tokenizer.eos_token_id)
+    row = torch.full((77,), tokenizer.pad_token_id, dtype=torch.long)
+    row[: len(ids)] = torch.tensor(ids)
+    return row, spans
+
+
+@torch.no_grad()
+def caption_segmentation(
+    vae, unet, text, tokenizer, *, count: int = 100, timesteps: Sequence[int] = (0, 100), stream: int = 0
+) -> dict[str, float]:
+    """Diagnostic: attention-only mIoU when the prompt is the scene's own explicit caption
+    and each pixel chooses among the classes present (the easier setting of issue 5's runs)."""
+    store = install_probes(unet)
+    scenes = [make_scene(eval_seed(i, stream)) for i in range(count)]
+    size = scenes[0].image.shape[0]
+    n_cls = len(CLASS_NAMES)
+    out = {}
+    for t in timesteps:
+        conf = np.zeros((n_cls, n_cls), dtype=np.int64)
+        for start in range(0, count, 25):
+            chunk = scenes[start : start + 25]
+            rows, spans = zip(*(_caption_with_spans(tokenizer, s.background, s.objects) for s in chunk), strict=True)
+            xt, _ = _noised(vae, chunk, t, seed=7 + t)
+            unet(xt, torch.full((len(chunk),), t), encoder_hidden_states=text(torch.stack(rows))[0])
+            fine = [p for p in store.values() if p.shape[1] == max(q.shape[1] for q in store.values())]
+            probs = torch.stack(fine).mean(0)  # (B, N, 77)
+            side = round(probs.shape[1] ** 0.5)
+            for b, scene in enumerate(chunk):
+                score = torch.full((n_cls, side * side), -1.0)
+                for cls, pos in spans[b].items():
+                    m = probs[b, :, pos].mean(1)
+                    score[cls] = m / m.max().clamp_min(1e-12)
+                up = F.interpolate(
+                    score.view(1, n_cls, side, side), size=(size, size), mode="bilinear", align_corners=False
+                )
+                np.add.at(conf, (scene.labels.ravel(), up.argmax(1).numpy().ravel()), 1)
+        out[f"caption_attn_t{t}"] = round(_miou(conf), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Probe a toy-world model: text reliance, binding, mIoU.")
     parser.add_argument("model", help="model folder or training checkpoint.pt")
@@ -227,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     vae, unet, text, tok = load(args.model)
     report = text_tests(vae, unet, text, tok)
     report.update(segmentation(vae, unet, text, tok, count=args.scenes, timesteps=args.t))
+    report.update(caption_segmentation(vae, unet, text, tok, count=args.scenes, timesteps=args.t))
     print(json.dumps(report, indent=1))
 
 

@@ -73,6 +73,8 @@ class TrainConfig:
     binding_weight: float = 0.0
     binding_margin: float = 0.1  # relative: swapped-caption loss should exceed right by 10%
     binding_fraction: float = 0.5  # share of the batch that also runs the swapped caption
+    binding_start: int = 0  # step where the margin term starts (ramped in over binding_ramp)
+    binding_ramp: int = 1
     ema_decay: float = 0.999
 
     @classmethod
@@ -203,12 +205,14 @@ def captions_for(scenes: list[Scene], rng: np.random.Generator, p_uncond: float)
             right.append("")
             swapped.append("")
             continue
-        text = make_caption(scene.background, scene.objects, cseed)
+        text = make_caption(scene.background, scene.objects, cseed, scene.background_colour)
         right.append(text)
         twin = ""
         if len(scene.objects) >= 2:
             i, j = rng.permutation(len(scene.objects))[:2]
-            other = make_caption(scene.background, swap_patterns(scene.objects, int(i), int(j)), cseed)
+            other = make_caption(
+                scene.background, swap_patterns(scene.objects, int(i), int(j)), cseed, scene.background_colour
+            )
             if other != text:
                 twin = other
         swapped.append(twin)
@@ -260,8 +264,9 @@ class EMA:
 # ----------------------------------------------------------------------------- phases
 
 
-def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, every_s: float,
-              log_every: int = 50) -> None:
+def train_vae(
+    cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, every_s: float, log_every: int = 50
+) -> None:
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
@@ -300,14 +305,29 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
         recs.append(rec.item())
         kls.append(kl.item())
         if step % log_every == 0 or step == cfg.vae_steps:
-            log_line(out, {"phase": "vae", "step": step, "rec": round(float(np.mean(recs)), 5),
-                           "kl": round(float(np.mean(kls)), 3),
-                           "s_per_step": round((time.time() - t0) / len(recs), 3)})
+            log_line(
+                out,
+                {
+                    "phase": "vae",
+                    "step": step,
+                    "rec": round(float(np.mean(recs)), 5),
+                    "kl": round(float(np.mean(kls)), 3),
+                    "s_per_step": round((time.time() - t0) / len(recs), 3),
+                },
+            )
             recs, kls = [], []
             t0 = time.time()
         if time.time() - last_save > every_s and step < cfg.vae_steps:
-            _atomic_save({"config": dataclasses.asdict(cfg), "phase": "vae", "step": step,
-                          "vae": vae.state_dict(), "vae_opt": opt.state_dict()}, out / CHECKPOINT)
+            _atomic_save(
+                {
+                    "config": dataclasses.asdict(cfg),
+                    "phase": "vae",
+                    "step": step,
+                    "vae": vae.state_dict(),
+                    "vae_opt": opt.state_dict(),
+                },
+                out / CHECKPOINT,
+            )
             last_save = time.time()
     vae.eval()
     with torch.no_grad():
@@ -315,8 +335,15 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, state: dict, ev
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     state.clear()
-    state.update({"config": dataclasses.asdict(cfg), "phase": "unet", "step": 0, "vae": vae.state_dict(),
-                  "scaling_factor": scaling})
+    state.update(
+        {
+            "config": dataclasses.asdict(cfg),
+            "phase": "unet",
+            "step": 0,
+            "vae": vae.state_dict(),
+            "scaling_factor": scaling,
+        }
+    )
     _atomic_save(state, out / CHECKPOINT)
     log_line(out, {"phase": "vae", "done": True, "scaling_factor": scaling})
 
@@ -337,9 +364,7 @@ def encode_latents(cfg: TrainConfig, state: dict, images: torch.Tensor, cache: P
         if saved["key"] == key:
             return vae, saved["latents"]
     with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)]
-        )
+        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     latents = latents * state["scaling_factor"]
     _atomic_save({"key": key, "latents": latents}, cache)
     return vae, latents
@@ -349,8 +374,15 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).flatten(1).mean(1)
 
 
-def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.Tensor, state: dict,
-               every_s: float, log_every: int = 50) -> tuple:
+def train_unet(
+    cfg: TrainConfig,
+    out: Path,
+    scenes: list[Scene],
+    latents: torch.Tensor,
+    state: dict,
+    every_s: float,
+    log_every: int = 50,
+) -> tuple:
     unet, text = build_unet(cfg), build_text_encoder(cfg)
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -381,7 +413,9 @@ def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
 
         use = [k for k, s in enumerate(swapped) if s][: max(0, int(cfg.batch * cfg.binding_fraction))]
-        if cfg.binding_weight > 0 and use:
+        ramp = min(1.0, max(0.0, (step - cfg.binding_start + 1) / max(1, cfg.binding_ramp)))
+        binding_weight = cfg.binding_weight * ramp
+        if binding_weight > 0 and use:
             ids = tokens(right + [swapped[k] for k in use])
             cond = text(ids)[0]
             sel = torch.tensor(use)
@@ -398,7 +432,7 @@ def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.
             l_right = losses[sel]
             rel = (l_swap - l_right) / l_right.detach().clamp_min(1e-4)
             margin = F.relu(cfg.binding_margin - rel).mean()
-            loss = loss + cfg.binding_weight * margin
+            loss = loss + binding_weight * margin
             meter["margin"].append(margin.item())
             meter["gap"].append(rel.mean().item())
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
@@ -412,15 +446,27 @@ def train_unet(cfg: TrainConfig, out: Path, scenes: list[Scene], latents: torch.
         meter["loss"].append(losses.mean().item())
         step += 1
         if step % log_every == 0 or step == cfg.steps:
-            record = {"phase": "unet", "step": step, "lr": round(lr, 6),
-                      "s_per_step": round((time.time() - t0) / max(1, len(meter["loss"])), 3)}
+            record = {
+                "phase": "unet",
+                "step": step,
+                "lr": round(lr, 6),
+                "s_per_step": round((time.time() - t0) / max(1, len(meter["loss"])), 3),
+            }
             record.update({k: round(float(np.mean(v)), 5) for k, v in meter.items() if v})
             log_line(out, record)
             meter = {k: [] for k in meter}
             t0 = time.time()
         if time.time() - last_save > every_s or step == cfg.steps:
-            state.update({"phase": "unet", "step": step, "unet": unet.state_dict(), "text": text.state_dict(),
-                          "opt": opt.state_dict(), "ema": ema.shadow})
+            state.update(
+                {
+                    "phase": "unet",
+                    "step": step,
+                    "unet": unet.state_dict(),
+                    "text": text.state_dict(),
+                    "opt": opt.state_dict(),
+                    "ema": ema.shadow,
+                }
+            )
             _atomic_save(state, out / CHECKPOINT)
             last_save = time.time()
     ema.copy_to([unet, text])
@@ -439,6 +485,16 @@ RECOMMENDED_PRESET = {
     "feature_blocks": [1, 2],
     "feature_factor": 4,
 }
+"""Our best settings so far (see docs/toyworld.md): the finest cross-attention layers only."""
+
+REFERENCE_PRESET = {
+    "size": 64,
+    "attention_factors": [8, 16],
+    "attention_factor": 4,
+    "feature_blocks": [1, 2],
+    "feature_factor": 4,
+}
+"""The reference mask head on this model: its coarse layers (the analogue of SD's 16x16 + 8x8)."""
 
 
 def models_from_checkpoint(path: Path, *, use_ema: bool = True) -> tuple:
@@ -474,7 +530,10 @@ def export_model(folder: Path, vae, unet, text, *, preset: dict | None = None, n
     clip_tokenizer().save_pretrained(staging / "tokenizer")
     noise_scheduler().save_pretrained(staging / "scheduler")
     save_model_index(staging)
-    info = {"preset": dict(preset or RECOMMENDED_PRESET)}
+    chosen = dict(preset or RECOMMENDED_PRESET)
+    # ``presets`` is what maskdiffusion.loading reads (field overrides per named preset);
+    # ``preset`` repeats the recommended settings on their own.
+    info: dict = {"preset": chosen, "presets": {"default": chosen, "reference": dict(REFERENCE_PRESET)}}
     if notes:
         info["notes"] = notes
     (staging / "maskdiffusion.json").write_text(json.dumps(info, indent=2))
@@ -487,8 +546,15 @@ def export_model(folder: Path, vae, unet, text, *, preset: dict | None = None, n
 # ----------------------------------------------------------------------------- main
 
 
-def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export: bool = True,
-        init_vae: Path | None = None, log_every: int = 50) -> Path:
+def run(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    checkpoint_minutes: float = 3.0,
+    export: bool = True,
+    init_vae: Path | None = None,
+    log_every: int = 50,
+) -> Path:
     """Train (or resume) into ``out``; return the exported model folder.
 
     ``init_vae``: a checkpoint whose trained autoencoder is reused (the VAE phase is skipped),
@@ -503,8 +569,13 @@ def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export:
             raise ValueError(f"--init-vae {init_vae}: that checkpoint has not finished its VAE phase yet")
         vae_channels = tuple(source["config"]["vae_channels"])
         cfg = dataclasses.replace(cfg, vae_channels=vae_channels, vae_steps=source["config"]["vae_steps"])
-        state = {"config": dataclasses.asdict(cfg), "phase": "unet", "step": 0, "vae": source["vae"],
-                 "scaling_factor": source["scaling_factor"]}
+        state = {
+            "config": dataclasses.asdict(cfg),
+            "phase": "unet",
+            "step": 0,
+            "vae": source["vae"],
+            "scaling_factor": source["scaling_factor"],
+        }
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         _atomic_save(state, ckpt)
         if (Path(init_vae).parent / LATENTS).exists():
@@ -529,8 +600,13 @@ def run(cfg: TrainConfig, out: Path, *, checkpoint_minutes: float = 3.0, export:
     unet, text = train_unet(cfg, out, scenes, latents, state, every_s, log_every)
     if not export:
         return out
-    return export_model(out / MODEL_DIR, vae, unet.eval(), text.eval(),
-                        notes={"train_config": dataclasses.asdict(cfg), "steps": cfg.steps})
+    return export_model(
+        out / MODEL_DIR,
+        vae,
+        unet.eval(),
+        text.eval(),
+        notes={"train_config": dataclasses.asdict(cfg), "steps": cfg.steps},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -538,10 +614,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, log, model/)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    parser.add_argument("--init-vae", type=Path, default=None,
-                        help="reuse the trained autoencoder of another run's checkpoint.pt")
-    parser.add_argument("--export-only", action="store_true",
-                        help="write OUT/model from the current checkpoint (EMA weights) and exit")
+    parser.add_argument(
+        "--init-vae", type=Path, default=None, help="reuse the trained autoencoder of another run's checkpoint.pt"
+    )
+    parser.add_argument(
+        "--export-only", action="store_true", help="write OUT/model from the current checkpoint (EMA weights) and exit"
+    )
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, tuple):

@@ -47,11 +47,22 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (30, 30, 30),
 }
 # Background tints overlap the object palette on purpose (colour must not give classes away).
-_BACKGROUND_TINTS: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "grass": ((50, 160, 60), (150, 180, 50), (30, 100, 40), (225, 205, 40)),
-    "brick wall": ((160, 60, 40), (200, 40, 40), (230, 130, 30), (130, 130, 130)),
-    "water": ((40, 80, 200), (40, 140, 160), (130, 50, 170), (30, 30, 30)),
-    "sand": ((220, 200, 140), (225, 205, 40), (210, 160, 90), (235, 235, 235)),
+# Each tint has a colour word, which captions sometimes use ("yellow grass").
+_BACKGROUND_TINTS: dict[str, tuple[tuple[str, tuple[int, int, int]], ...]] = {
+    "grass": (("green", (50, 160, 60)), ("lime", (150, 180, 50)), ("dark", (30, 100, 40)), ("yellow", (225, 205, 40))),
+    "brick wall": (
+        ("brown", (160, 60, 40)),
+        ("red", (200, 40, 40)),
+        ("orange", (230, 130, 30)),
+        ("grey", (130, 130, 130)),
+    ),
+    "water": (("blue", (40, 80, 200)), ("teal", (40, 140, 160)), ("purple", (130, 50, 170)), ("black", (30, 30, 30))),
+    "sand": (
+        ("beige", (220, 200, 140)),
+        ("yellow", (225, 205, 40)),
+        ("tan", (210, 160, 90)),
+        ("white", (235, 235, 235)),
+    ),
 }
 
 TRAIN_SEEDS = range(0, 10**9)
@@ -105,6 +116,7 @@ class Scene:
     caption: str
     background: str
     objects: tuple[SceneObject, ...]
+    background_colour: str = ""
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -123,10 +135,11 @@ def _smooth_rows(field: np.ndarray, length: int, axis: int) -> np.ndarray:
     return out / length
 
 
-def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``(size, size, 3) float64`` texture of one background kind in 0..255."""
+def _background(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """``(size, size, 3) float64`` texture of one background kind in 0..255, and its tint's name."""
     tints = _BACKGROUND_TINTS[kind]
-    base = np.array(tints[rng.integers(len(tints))], dtype=np.float64)
+    tint_name, tint = tints[rng.integers(len(tints))]
+    base = np.array(tint, dtype=np.float64)
     yy, xx = _grid(size)
     if kind == "grass":
         blades = _smooth_rows(rng.normal(0.0, 1.0, (size, size)), 7, axis=0)
@@ -153,7 +166,7 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         img = base + grain[..., None]
     else:  # pragma: no cover - guarded by BACKGROUNDS
         raise ValueError(f"unknown background {kind!r}")
-    return img
+    return img, tint_name
 
 
 def _polygon_mask(xx: np.ndarray, yy: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -262,14 +275,14 @@ def _article(phrase: str) -> str:
 
 
 def _object_phrase(obj: SceneObject, rng: np.random.Generator) -> str:
-    """"a dotted red star" and variants; the pattern word almost always precedes the shape."""
+    """ "a dotted red star" and variants; the pattern word almost always precedes the shape."""
     style = rng.random()
     pattern = obj.pattern
-    if style < 0.45:
+    if style < 0.3:
         words = [pattern, obj.shape]
-    elif style < 0.7:
+    elif style < 0.6:
         words = [pattern, obj.colour, obj.shape]
-    elif style < 0.85:
+    elif style < 0.82:
         words = [obj.colour, pattern, obj.shape]
     elif style < 0.93:
         words = [obj.colour, obj.shape]
@@ -289,8 +302,14 @@ def _join(phrases: Sequence[str], rng: np.random.Generator) -> str:
 _BACKGROUND_PHRASES = {"grass": "grass", "brick wall": "a brick wall", "water": "water", "sand": "sand"}
 
 
-def make_caption(background: str, objects: Sequence[SceneObject], caption_seed: int) -> str:
+def make_caption(
+    background: str, objects: Sequence[SceneObject], caption_seed: int, background_colour: str = ""
+) -> str:
     """A caption for a scene, drawn from several templates by ``caption_seed``.
+
+    Colour words (the background's tint, the objects' colour) are there because colour is
+    most of what a very noisy image has lost: they give the text pathway a strong early
+    training signal, which the pattern words then refine.
 
     The template choices depend only on ``caption_seed`` and the number of objects, so the
     same seed on a scene whose objects' patterns were swapped gives the same sentence with
@@ -311,6 +330,8 @@ def make_caption(background: str, objects: Sequence[SceneObject], caption_seed: 
     phrases = [_object_phrase(o, rng) for o in kept]
     things = _join(phrases, rng)
     bg = _BACKGROUND_PHRASES[background]
+    if rng.random() < 0.6 and background_colour:
+        bg = f"a {background_colour} brick wall" if background == "brick wall" else f"{background_colour} {bg}"
     templates = (
         "{things} on {bg}",
         "{bg} with {things}",
@@ -336,9 +357,9 @@ def swap_patterns(objects: Sequence[SceneObject], i: int, j: int) -> tuple[Scene
 # ----------------------------------------------------------------------------- scenes
 
 
-def render(background_image: np.ndarray, background: str, objects: Sequence[SceneObject]) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def render(
+    background_image: np.ndarray, background: str, objects: Sequence[SceneObject]
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw objects over a background texture -> ``(image uint8 (H,W,3), labels uint8 (H,W))``.
 
     The label map is written with the very masks that paint the pixels, so labels match the
@@ -363,13 +384,13 @@ def make_scene(seed: int, size: int = IMAGE_SIZE) -> Scene:
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     objects = _sample_objects(rng, size)
-    texture = _background(background, size, rng)
+    texture, tint = _background(background, size, rng)
     # Objects get a little sensor noise of their own so flat regions are not perfectly flat.
     texture_noise = rng.normal(0.0, 6.0, (size, size, 1))
     image, labels = render(texture, background, objects)
     on_objects = labels >= len(BACKGROUNDS)
     noisy = np.clip(image.astype(np.float64) + texture_noise * on_objects[..., None], 0, 255)
-    caption = make_caption(background, objects, int(rng.integers(2**31)))
+    caption = make_caption(background, objects, int(rng.integers(2**31)), tint)
     return Scene(
         seed=seed,
         image=np.rint(noisy).astype(np.uint8),
@@ -377,14 +398,23 @@ def make_scene(seed: int, size: int = IMAGE_SIZE) -> Scene:
         caption=caption,
         background=background,
         objects=objects,
+        background_colour=tint,
     )
 
 
 def class_palette() -> np.ndarray:
     """``(len(CLASS_NAMES), 3) uint8`` display colours for label maps."""
     return np.array(
-        [(60, 170, 70), (170, 80, 60), (60, 110, 210), (220, 200, 130),
-         (240, 60, 60), (250, 210, 40), (170, 60, 220), (250, 250, 250)],
+        [
+            (60, 170, 70),
+            (170, 80, 60),
+            (60, 110, 210),
+            (220, 200, 130),
+            (240, 60, 60),
+            (250, 210, 40),
+            (170, 60, 220),
+            (250, 250, 250),
+        ],
         dtype=np.uint8,
     )
 
