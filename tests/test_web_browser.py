@@ -1,6 +1,6 @@
 """The web demo end to end, in a real headless browser: Debian's chromium driven by Playwright.
 
-CI runs this (``.ci/run`` installs apt's ``chromium`` and the ``web``/``webtest`` extras).
+CI runs this: ``make test`` installs the ``web``/``test`` extras and, if missing, apt's ``chromium``.
 Without chromium, Playwright or Gradio these tests FAIL and say what to install; to leave
 them out on purpose run ``pytest --ignore=tests/test_web_browser.py``. Playwright drives the
 system's chromium (``executable_path``), so no browser is ever downloaded, and every request
@@ -48,7 +48,7 @@ def server(tiny_model):
     try:
         import gradio  # noqa: F401
     except ImportError:
-        pytest.fail("the browser test needs Gradio: pip install -e '.[web,webtest]'")
+        pytest.fail("the browser test needs Gradio: pip install -e '.[web,test]'")
     from maskdiffusion import MaskDiffusion
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -75,7 +75,7 @@ def browser(server, tmp_path_factory):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the browser test needs Playwright: pip install -e '.[web,webtest]' (no browser download needed)")
+        pytest.fail("the browser test needs Playwright: pip install -e '.[web,test]' (no browser download needed)")
     outside: list[str] = []
 
     def loopback_only(route):
