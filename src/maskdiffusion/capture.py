@@ -75,7 +75,7 @@ class UNetLayout:
         return {n: f for n, f in self.cross_attention.items() if f in attention_factors}
 
 
-def _layer_stop_block(name: str, levels: int) -> int:
+def _layer_stop_block(name: str) -> int:
     """Index of the up block that must run for layer ``name`` to have run (-1: before any)."""
     match = re.match(r"up_blocks\.(\d+)\.", name)
     return int(match.group(1)) if match else -1
@@ -218,7 +218,7 @@ class UNetCapture:
         bad = [b for b in preset.feature_blocks if not 0 <= b < up_count]
         if bad:
             raise ValueError(f"feature_blocks {bad} out of range: this UNet has up blocks 0..{up_count - 1}")
-        stops = [_layer_stop_block(n, self.layout.levels) for n in self.layers]
+        stops = [_layer_stop_block(n) for n in self.layers]
         self.stop_block = max([*stops, *preset.feature_blocks])
 
     @contextmanager

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .capture import UNetCapture, UNetLayout
 from .loading import DEFAULT_MODEL, Components, load_components, pick_device, pick_dtype, resolve_model_folder
@@ -29,7 +30,7 @@ class _Pending:
     """Views of one image on their way through the batches."""
 
     index: int
-    image: object
+    image: Image.Image
     layout: ViewLayout
     source: str | None
     key: str
