@@ -30,3 +30,33 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process runs use one thread like the subprocesses (OMP_NUM_THREADS=1), for exact equality."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared_models():
+    """Load each (model, device, dtype, batch size, preset) once for all in-process CLI runs of a module."""
+    from maskdiffusion import cli
+
+    loaded = {}
+    original = cli.load_segmenter
+
+    def load(args):
+        key = (args.model, args.device, args.dtype, args.batch_size, args.preset)
+        if key not in loaded:
+            loaded[key] = original(args)
+        return loaded[key]
+
+    cli.load_segmenter = load
+    yield
+    cli.load_segmenter = original

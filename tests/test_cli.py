@@ -112,9 +112,9 @@ def test_python_dash_m_runs_the_cli_end_to_end(tiny_model, images, tmp_path):
     assert (out / "img1.labels.png").exists()
 
 
-def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path, monkeypatch, capsys):
+def test_tiny_random_alias_is_built_in_the_cache_on_first_use(images, tmp_path, monkeypatch):
     monkeypatch.setenv("MASKDIFFUSION_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "64", "--device", "cpu"]) == 0
-    assert "RANDOM" in capsys.readouterr().out
-    assert (tmp_path / "demo" / "street.overlay.png").exists()
+    out = tmp_path / "out"
+    assert run("tiny-random", images[0], "--classes", "road, sky", "--out", out) == 0
+    assert (out / "img0.labels.png").exists()
     assert (tmp_path / "cache" / "tiny-random-sd" / "unet").is_dir()

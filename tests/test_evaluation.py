@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy.io import savemat
 from sklearn.metrics import confusion_matrix
@@ -49,30 +48,7 @@ CORRUPT = "img2_corrupt"  # sorts between img2 and img3: it shares a group with 
 SAMPLE_IDS = sorted([*IMAGE_SIZES, CORRUPT])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs use one thread like the subprocesses (OMP_NUM_THREADS=1), for exact equality."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def shared_models():
-    """Load each (model, device, dtype, batch size) once for all in-process runs of this file."""
-    loaded = {}
-    original = cli.load_segmenter
-
-    def load(args):
-        key = (args.model, args.device, args.dtype, args.batch_size, args.preset)
-        if key not in loaded:
-            loaded[key] = original(args)
-        return loaded[key]
-
-    cli.load_segmenter = load
-    yield
-    cli.load_segmenter = original
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "shared_models")
 
 
 def make_folder_dataset(root: Path) -> Path:

@@ -61,6 +61,8 @@ from .runstate import (
 )
 from .views import ImageInput, ImageLoadError, load_image
 
+GATE_DATASET = "toyworld"  # generated held-out scenes: the bundled model's quality gate (toyworld/gate.py)
+GATE_LIMIT = 200
 MODES = ("open-vocab", "unsupervised")
 CLUSTERINGS = ("dataset", "per-image")
 DEFAULT_POOL_SIZE = 100_000
@@ -643,7 +645,7 @@ def evaluate(
 EXIT_USAGE = 2
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     """An argparse type: an integer >= ``minimum``."""
 
     def parse(text: str) -> int:
@@ -658,8 +660,8 @@ def _int_at_least(minimum: int):
     return parse
 
 
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
@@ -672,9 +674,16 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
         description="Evaluate on a data set; writes metrics.json, report.md and figures into RUN_DIR. "
         "Run it again with the same --out to resume.",
     )
-    parser.add_argument("--dataset", required=True, help=f"data set name: {', '.join(available_datasets())}")
     parser.add_argument(
-        "--root", required=True, help="data sets folder (holding cityscapes/, cocostuff/, ...) or one data set's folder"
+        "--dataset",
+        required=True,
+        help=f"data set name: {', '.join(available_datasets())}; or {GATE_DATASET}: generated held-out scenes, "
+        "the bundled model's quality gate (no --root)",
+    )
+    parser.add_argument(
+        "--root",
+        help="data sets folder (holding cityscapes/, cocostuff/, ...) or one data set's folder; required "
+        f"except for {GATE_DATASET}",
     )
     parser.add_argument("--split", default="val", help="split (default val)")
     parser.add_argument(
@@ -683,7 +692,11 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--class-names", help="file with one class per line ('a|b' = synonyms) replacing the data set's prompt words"
     )
-    parser.add_argument("--limit", type=_positive, help="score only the first N samples (sorted by id)")
+    parser.add_argument(
+        "--limit",
+        type=_positive,
+        help=f"score only the first N samples (sorted by id); {GATE_DATASET}: N scenes (default {GATE_LIMIT})",
+    )
     parser.add_argument("--out", help="RUN_DIR (default outputs/<timestamp>); an existing run there is resumed")
     parser.add_argument("--mode", choices=MODES, default="open-vocab", help="default open-vocab")
     parser.add_argument("--clusters", type=_positive, help="unsupervised: k-means K (default: number of classes)")
@@ -696,7 +709,12 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--pool-size", type=_positive, default=DEFAULT_POOL_SIZE, help="dataset clustering: pooled feature samples"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the feature sampling and k-means (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=f"seed of the feature sampling and k-means (default 0); {GATE_DATASET}: also the held-out scene stream",
+    )
     parser.add_argument("--save-every", type=_positive, default=20, help="checkpoint every N images (default 20)")
     parser.add_argument(
         "--eval-size",
@@ -721,6 +739,14 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
 
 def open_dataset(args: argparse.Namespace) -> Dataset:
     """The data set named on the command line, with ``--class-names`` applied."""
+    if args.dataset not in available_datasets():
+        known = ", ".join(sorted([*available_datasets(), GATE_DATASET]))
+        raise DatasetError(f"unknown data set {args.dataset!r}; available: {known}")
+    if args.root is None:
+        raise DatasetError(
+            f"--dataset {args.dataset} is read from disk: give --root, the folder holding the data sets "
+            "(layouts in docs/datasets.md)"
+        )
     options = {"image_list": args.image_list} if args.image_list else {}
     dataset = build_dataset(args.dataset, args.root, args.split, **options)
     if args.class_names:
@@ -805,6 +831,8 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``maskdiffusion evaluate``: one process, ``--num-processes N`` local workers, or a torchrun rank."""
     launch = launched_by_env()
+    if args.dataset == GATE_DATASET:
+        return _cmd_gate(args, launch)
     try:
         if launch is not None and args.num_processes > 1:
             raise ValueError(
@@ -823,6 +851,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return _run_spawned(args)
+
+
+# Evaluate flags that have no meaning for the generated toy-world scenes.
+_NOT_FOR_GATE = (
+    "root", "split", "image_list", "class_names", "mode", "clusters", "clustering", "eval_size",
+    "save_every", "save_predictions", "num_processes",
+)  # fmt: skip
+
+
+def _cmd_gate(args: argparse.Namespace, launch) -> int:
+    """``--dataset toyworld``: the bundled model's quality gate, in one process (see toyworld/gate.py)."""
+    from .cli import build_parser, chosen_preset, load_segmenter
+    from .toyworld import gate
+
+    defaults = build_parser().parse_args(["evaluate", "--dataset", GATE_DATASET])
+    given = ["--" + name.replace("_", "-") for name in _NOT_FOR_GATE if getattr(args, name) != getattr(defaults, name)]
+    problem = None
+    if given or launch is not None:
+        flags = ", ".join(given) or "torchrun / accelerate launch"
+        problem = f"generates its scenes and scores every protocol in one process; it does not take {flags}"
+    elif args.seed < 0:
+        problem = f"takes --seed >= 0 (it numbers the stream of held-out scenes), got {args.seed}"
+    if problem:
+        print(f"error: --dataset {GATE_DATASET} {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out or _default_out())
+    segmenter = load_segmenter(args)
+    metrics = gate.run_gate(
+        segmenter,
+        out_dir=out,
+        limit=args.limit or GATE_LIMIT,
+        seed=args.seed,
+        preset=chosen_preset(segmenter, args),
+        figures=args.figures,
+        pool_size=args.pool_size,
+        progress=not args.quiet,
+    )
+    print(gate.summary(metrics, out))
+    return 0
 
 
 def _check_gpus(args: argparse.Namespace) -> None:

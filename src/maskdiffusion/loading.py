@@ -37,8 +37,24 @@ class ModelNotFoundError(FileNotFoundError):
     """The model is neither a usable folder nor available from the hub cache/network."""
 
 
+TOY_MODEL = "toy"
+
+
+def toy_model_path() -> Path:
+    """The bundled toy-world model (trained by ``maskdiffusion.toyworld.train``, shipped in the package)."""
+    from importlib import resources
+
+    return Path(str(resources.files("maskdiffusion").joinpath("models", "toy")))
+
+
 def _alias_folder(model: str) -> Path | None:
-    """Folders behind the built-in model names (``tiny-random``: random weights, for tests)."""
+    """Folders behind the built-in model names.
+
+    ``toy``: the bundled toy-world model (real trained weights, small, offline);
+    ``tiny-random``: random weights, for tests of the plumbing.
+    """
+    if model == TOY_MODEL:
+        return toy_model_path()
     if model == "tiny-random":
         from .tiny import tiny_model_path
 

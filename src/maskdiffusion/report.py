@@ -93,8 +93,13 @@ def build_metrics(
     return metrics
 
 
-def bar_chart(per_class_iou: dict[str, float | None], miou: float | None) -> bytes | None:
-    """PNG bytes of a horizontal bar chart of per-class IoU; None if matplotlib is missing."""
+def bar_chart(
+    per_class_iou: dict[str, float | None], miou: float | None, colours: np.ndarray | None = None
+) -> bytes | None:
+    """PNG bytes of a horizontal bar chart of per-class IoU; None if matplotlib is missing.
+
+    ``colours``: ``(C, 3)`` uint8 bar colours (default: :func:`visualize.palette`).
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -105,7 +110,7 @@ def bar_chart(per_class_iou: dict[str, float | None], miou: float | None) -> byt
     figure = Figure(figsize=(7, max(2.5, 0.24 * len(names) + 1.2)), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    colours = visualize.palette(len(names)) / 255.0
+    colours = (visualize.palette(len(names)) if colours is None else np.asarray(colours)) / 255.0
     positions = np.arange(len(names))
     axes.barh(positions, values, color=colours, edgecolor="black", linewidth=0.4)
     axes.set_yticks(positions, [n if per_class_iou[n] is not None else f"{n} (absent)" for n in names])
@@ -158,6 +163,19 @@ def report_markdown(metrics: dict[str, Any], *, chart: str | None, figures: Sequ
     )
     if chart:
         lines += ["", f"![per-class IoU]({chart})"]
+    if "variants" in metrics:
+        lines += ["", "## Variants (same images, same class list)", ""]
+        lines += ["| variant | mIoU (%) | pixel accuracy (%) | what |", "|---|---:|---:|---|"]
+        for name, variant in metrics["variants"].items():
+            lines.append(
+                f"| {name} | {_percent(variant['mIoU'])} | {_percent(variant['pixel_accuracy'])} "
+                f"| {variant['description']} |"
+            )
+        variants = list(metrics["variants"])
+        lines += ["", "| class | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+        for name in metrics["class_names"]:
+            row = [_percent(metrics["variants"][v]["per_class_iou"][name]) for v in variants]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
     if "cluster_to_class" in metrics:
         lines += ["", "## Cluster -> class (one Hungarian matching over the data set)", ""]
         for cluster, target in enumerate(metrics["cluster_to_class"]):
@@ -167,14 +185,16 @@ def report_markdown(metrics: dict[str, Any], *, chart: str | None, figures: Sequ
         lines += ["", "## Failed samples", ""]
         lines += [f"- `{item['id']}`: {item['reason']}" for item in metrics["failed"]]
     if figures:
-        lines += ["", "## Examples (image | ground truth | prediction)", ""]
+        lines += ["", "## Examples", ""]
         lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[str]) -> Path:
-    """Write ``per_class_iou.png`` (when matplotlib is installed) and ``report.md``."""
-    chart = bar_chart(metrics["per_class_iou"], metrics["mIoU"])
+def write_report(
+    out_dir: Path, metrics: dict[str, Any], figures: Sequence[str], colours: np.ndarray | None = None
+) -> Path:
+    """Write ``per_class_iou.png`` (when matplotlib is installed; bars in ``colours``) and ``report.md``."""
+    chart = bar_chart(metrics["per_class_iou"], metrics["mIoU"], colours)
     if chart is not None:
         files.write_bytes(out_dir / CHART_FILE, chart)
     text = report_markdown(metrics, chart=CHART_FILE if chart is not None else None, figures=figures)

@@ -117,3 +117,51 @@ def side_by_side(panels: Sequence[Image.Image], titles: Sequence[str], *, gap: i
         draw.text((left + 4, 3), title, fill="black", font=font)
         left += panel.width + gap
     return canvas
+
+
+def label_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    names: Sequence[str],
+    colours: np.ndarray,
+    *,
+    scale: int = 4,
+    gap: int = 4,
+) -> Image.Image:
+    """A table of pictures: one row per image, one titled column per panel, one legend of all classes.
+
+    Arguments:
+        rows: per row, one panel per title: an ``(H, W, 3)`` uint8 picture or an ``(H, W)``
+            integer label map indexing ``names`` (a value outside ``0..len(names)-1``, e.g.
+            -1 or the ignore value 255, is drawn in the background colour).
+        titles: column titles.
+        names, colours: the classes of the label maps and their ``(C, 3)`` uint8 colours.
+        scale: nearest-neighbour enlargement, so that small images stay crisp.
+    """
+
+    def panel(values: np.ndarray) -> Image.Image:
+        values = np.asarray(values)
+        if values.ndim == 2:
+            labels = values.astype(np.int64)
+            values = colorize(np.where(labels < len(colours), labels, -1), colours)
+        picture = Image.fromarray(values.astype(np.uint8))
+        return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+
+    pictures = [[panel(values) for values in row] for row in rows]
+    cell_w = max((p.width for row in pictures for p in row), default=1)
+    cell_h = max((p.height for row in pictures for p in row), default=1)
+    top = 22
+    key = legend(list(names), colours, height=max(len(rows), 1) * (cell_h + gap))
+    width = len(titles) * (cell_w + gap) + key.width
+    canvas = Image.new("RGB", (width, top + max(len(rows) * (cell_h + gap), key.height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(14)
+    for column, title in enumerate(titles):
+        draw.text((column * (cell_w + gap) + 2, 3), title, fill="black", font=font)
+    for r, row in enumerate(pictures):
+        if len(row) != len(titles):
+            raise ValueError(f"row {r} has {len(row)} panels for {len(titles)} titles")
+        for column, picture in enumerate(row):
+            canvas.paste(picture, (column * (cell_w + gap), top + r * (cell_h + gap)))
+    canvas.paste(key, (len(titles) * (cell_w + gap), top))
+    return canvas

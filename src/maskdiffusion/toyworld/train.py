@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..prompts import CLIP_CONTEXT, clip_tokenizer
 from ..tiny import SD_NOISE_SCHEDULE, save_model_index
-from .world import IMAGE_SIZE, Scene, make_caption, make_scene, swap_patterns, train_seed
+from .world import CLASS_NAMES, IMAGE_SIZE, Scene, make_caption, make_scene, swap_patterns, train_seed
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
@@ -76,6 +76,9 @@ class TrainConfig:
     binding_start: int = 0  # step where the margin term starts (ramped in over binding_ramp)
     binding_ramp: int = 1
     ema_decay: float = 0.999
+    p_attributes: float = 1.0  # share of caption phrases that name colours and patterns
+    freeze_positions: int = 0  # 1: text position embeddings fixed at zero (word keys ignore order)
+    class_attention_weight: float = 0.0  # weight of the pixel/class-word information prior
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -132,7 +135,7 @@ def build_text_encoder(cfg: TrainConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = clip_tokenizer()
-    return CLIPTextModel(
+    model = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
             hidden_size=cfg.text_width,
@@ -145,6 +148,12 @@ def build_text_encoder(cfg: TrainConfig):
             pad_token_id=tok.pad_token_id,
         )
     )
+    if cfg.freeze_positions:
+        positions = model.embeddings.position_embedding.weight
+        with torch.no_grad():
+            positions.zero_()
+        positions.requires_grad_(False)
+    return model
 
 
 def noise_scheduler():
@@ -192,7 +201,9 @@ def step_rng(cfg: TrainConfig, phase: int, step: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, phase, step])
 
 
-def captions_for(scenes: list[Scene], rng: np.random.Generator, p_uncond: float) -> tuple[list[str], list[str]]:
+def captions_for(
+    scenes: list[Scene], rng: np.random.Generator, p_uncond: float, p_attributes: float = 1.0
+) -> tuple[list[str], list[str]]:
     """A fresh caption per scene and its pattern-swapped twin ('' when no swap is possible).
 
     Captions are re-drawn every step (template, word order, part of the scene), so the model
@@ -205,13 +216,17 @@ def captions_for(scenes: list[Scene], rng: np.random.Generator, p_uncond: float)
             right.append("")
             swapped.append("")
             continue
-        text = make_caption(scene.background, scene.objects, cseed, scene.background_colour)
+        text = make_caption(scene.background, scene.objects, cseed, scene.background_colour, p_attributes)
         right.append(text)
         twin = ""
         if len(scene.objects) >= 2:
             i, j = rng.permutation(len(scene.objects))[:2]
             other = make_caption(
-                scene.background, swap_patterns(scene.objects, int(i), int(j)), cseed, scene.background_colour
+                scene.background,
+                swap_patterns(scene.objects, int(i), int(j)),
+                cseed,
+                scene.background_colour,
+                p_attributes,
             )
             if other != text:
                 twin = other
@@ -370,6 +385,82 @@ def encode_latents(cfg: TrainConfig, state: dict, images: torch.Tensor, cache: P
     return vae, latents
 
 
+class ClassAttentionPrior:
+    """Cross-attention processor that also scores how the caption's *class words* share the image.
+
+    Plain denoising is content with a bag of words: every pixel reads every word a little and
+    the convolutions sort it out, so no attention map is tied to its object (issue 5); asking
+    only for sharp attention collapses every pixel onto one word. This term is the mutual
+    information between pixels and the caption's class words (the attention restricted to
+    class-name tokens, a multi-token name summed, renormalised): mean per-pixel entropy minus
+    the entropy of the image's mean. Minimising it asks each pixel to read one named class
+    and every named class to be read somewhere; the denoising loss decides which pixel reads
+    which. It sees the caption and the attention only: never a label map.
+    """
+
+    def __init__(self, owner: dict) -> None:
+        self.owner = owner  # {"classes": (B, T, K) float or None, "terms": list}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = torch.softmax(q @ k.transpose(1, 2) * attn.scale, dim=-1)
+        classes = self.owner.get("classes")
+        if classes is not None:
+            self.owner["terms"].append(pixel_class_information(probs, classes.repeat_interleave(attn.heads, 0)))
+        out = attn.batch_to_head_dim(probs @ v)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def pixel_class_information(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Mean over images with >= 2 named classes of (mean pixel entropy - entropy of the mean).
+
+    ``probs``: ``(B, N, T)`` attention; ``classes``: ``(B, T, K)`` 0/1 token -> class.
+    """
+    named = classes.sum(1) > 0  # (B, K)
+    usable = named.sum(1) >= 2
+    if not usable.any():
+        return probs.new_zeros(())
+    pc = (probs[usable] @ classes[usable]).clamp_min(1e-8) * named[usable, None, :]
+    pc = pc / pc.sum(-1, keepdim=True)
+    pixel = -(pc * pc.clamp_min(1e-8).log()).sum(-1).mean(-1)
+    mean = pc.mean(1)
+    marginal = -(mean * mean.clamp_min(1e-8).log()).sum(-1)
+    return (pixel - marginal).mean()
+
+
+def install_class_attention_prior(unet) -> dict:
+    """Put :class:`ClassAttentionPrior` on every cross-attention layer; return its shared state."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    owner: dict = {"classes": None, "terms": []}
+    unet.set_attn_processor(
+        {
+            name: ClassAttentionPrior(owner) if name.endswith("attn2.processor") else AttnProcessor2_0()
+            for name in unet.attn_processors
+        }
+    )
+    return owner
+
+
+def class_token_table(tokenizer) -> dict[int, int]:
+    """Token id -> class index for the words of the world's class names ("brick wall": two ids)."""
+    table: dict[int, int] = {}
+    for index, name in enumerate(CLASS_NAMES):
+        for token in tokenizer(name, add_special_tokens=False).input_ids:
+            table[token] = index
+    return table
+
+
+def class_tokens(ids: torch.Tensor, table: dict[int, int]) -> torch.Tensor:
+    """``(B, T, K)`` float: which class (if any) each caption token names."""
+    out = torch.zeros(*ids.shape, len(CLASS_NAMES))
+    for token, index in table.items():
+        out[..., index] += (ids == token).float()
+    return out
+
+
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).flatten(1).mean(1)
 
@@ -384,7 +475,9 @@ def train_unet(
     log_every: int = 50,
 ) -> tuple:
     unet, text = build_unet(cfg), build_text_encoder(cfg)
-    params = [*unet.parameters(), *text.parameters()]
+    if "init_unet" in state and "unet" not in state:
+        unet.load_state_dict(state["init_unet"])
+    params = [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = EMA([unet, text], cfg.ema_decay)
     step = state.get("step", 0)
@@ -396,15 +489,17 @@ def train_unet(
     sched = noise_scheduler()
     alphas = sched.alphas_cumprod.float()
     tokens = Tokens()
+    prior = install_class_attention_prior(unet) if cfg.class_attention_weight > 0 else None
+    table = class_token_table(tokens.tokenizer)
     unet.train()
     text.train()
     last_save, t0 = time.time(), time.time()
-    meter: dict[str, list[float]] = {"loss": [], "margin": [], "gap": []}
+    meter: dict[str, list[float]] = {"loss": [], "margin": [], "gap": [], "prior": []}
     while step < cfg.steps:
         rng = step_rng(cfg, 2, step)
         idx = rng.integers(0, len(scenes), cfg.batch)
         batch_scenes = [scenes[i] for i in idx]
-        right, swapped = captions_for(batch_scenes, rng, cfg.p_uncond)
+        right, swapped = captions_for(batch_scenes, rng, cfg.p_uncond, cfg.p_attributes)
         x0 = latents[torch.from_numpy(idx)]
         t = sample_timesteps(cfg, cfg.batch, rng)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -417,16 +512,23 @@ def train_unet(
         binding_weight = cfg.binding_weight * ramp
         if binding_weight > 0 and use:
             ids = tokens(right + [swapped[k] for k in use])
-            cond = text(ids)[0]
             sel = torch.tensor(use)
             x_in = torch.cat([xt, xt[sel]])
             t_in = torch.cat([t, t[sel]])
         else:
-            cond = text(tokens(right))[0]
+            ids = tokens(right)
             x_in, t_in, sel = xt, t, None
+        cond = text(ids)[0]
+        if prior is not None:
+            prior["classes"] = class_tokens(ids, table)
+            prior["terms"] = []
         pred = unet(x_in, t_in, encoder_hidden_states=cond).sample
         losses = per_sample_mse(pred[: cfg.batch], noise)
         loss = losses.mean()
+        if prior is not None and prior["terms"]:
+            information = torch.stack(prior["terms"]).mean()
+            loss = loss + cfg.class_attention_weight * information
+            meter["prior"].append(information.item())
         if sel is not None:
             l_swap = per_sample_mse(pred[cfg.batch :], noise[sel])
             l_right = losses[sel]
@@ -553,12 +655,14 @@ def run(
     checkpoint_minutes: float = 3.0,
     export: bool = True,
     init_vae: Path | None = None,
+    init_unet: Path | None = None,
     log_every: int = 50,
 ) -> Path:
     """Train (or resume) into ``out``; return the exported model folder.
 
     ``init_vae``: a checkpoint whose trained autoencoder is reused (the VAE phase is skipped),
-    so experiments on the UNet share one autoencoder.
+    so experiments on the UNet share one autoencoder. ``init_unet``: a checkpoint whose
+    (EMA) UNet starts this run; the text encoder starts fresh (its shape may differ).
     """
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
@@ -576,6 +680,9 @@ def run(
             "vae": source["vae"],
             "scaling_factor": source["scaling_factor"],
         }
+        if init_unet is not None:
+            _, _, unet, _ = models_from_checkpoint(Path(init_unet))
+            state["init_unet"] = unet.state_dict()
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         _atomic_save(state, ckpt)
         if (Path(init_vae).parent / LATENTS).exists():
@@ -618,6 +725,9 @@ def main(argv: list[str] | None = None) -> None:
         "--init-vae", type=Path, default=None, help="reuse the trained autoencoder of another run's checkpoint.pt"
     )
     parser.add_argument(
+        "--init-unet", type=Path, default=None, help="start the UNet from another run's checkpoint.pt (EMA weights)"
+    )
+    parser.add_argument(
         "--export-only", action="store_true", help="write OUT/model from the current checkpoint (EMA weights) and exit"
     )
     for field in dataclasses.fields(TrainConfig):
@@ -633,7 +743,9 @@ def main(argv: list[str] | None = None) -> None:
         _, vae, unet, text = models_from_checkpoint(args.out / CHECKPOINT)
         print(export_model(args.out / MODEL_DIR, vae, unet, text))
         return
-    print(run(cfg, args.out, checkpoint_minutes=args.checkpoint_minutes, init_vae=args.init_vae))
+    print(
+        run(cfg, args.out, checkpoint_minutes=args.checkpoint_minutes, init_vae=args.init_vae, init_unet=args.init_unet)
+    )
 
 
 if __name__ == "__main__":

@@ -274,11 +274,17 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _object_phrase(obj: SceneObject, rng: np.random.Generator) -> str:
-    """ "a dotted red star" and variants; the pattern word almost always precedes the shape."""
+def _object_phrase(obj: SceneObject, rng: np.random.Generator, p_attributes: float = 1.0) -> str:
+    """ "a dotted red star" and variants; the pattern word almost always precedes the shape.
+
+    With probability ``1 - p_attributes`` the phrase is the bare shape ("a star").
+    """
     style = rng.random()
+    plain = rng.random() >= p_attributes
     pattern = obj.pattern
-    if style < 0.3:
+    if plain:
+        words = [obj.shape]
+    elif style < 0.3:
         words = [pattern, obj.shape]
     elif style < 0.6:
         words = [pattern, obj.colour, obj.shape]
@@ -303,7 +309,11 @@ _BACKGROUND_PHRASES = {"grass": "grass", "brick wall": "a brick wall", "water": 
 
 
 def make_caption(
-    background: str, objects: Sequence[SceneObject], caption_seed: int, background_colour: str = ""
+    background: str,
+    objects: Sequence[SceneObject],
+    caption_seed: int,
+    background_colour: str = "",
+    p_attributes: float = 1.0,
 ) -> str:
     """A caption for a scene, drawn from several templates by ``caption_seed``.
 
@@ -313,7 +323,8 @@ def make_caption(
 
     The template choices depend only on ``caption_seed`` and the number of objects, so the
     same seed on a scene whose objects' patterns were swapped gives the same sentence with
-    those two words exchanged (the binding test relies on this).
+    those two words exchanged (the binding test relies on this). ``p_attributes`` scales how
+    often colour and pattern words appear at all (1.0: the captions above).
     """
     rng = np.random.default_rng(caption_seed)
     order = rng.permutation(len(objects))
@@ -327,10 +338,10 @@ def make_caption(
         if rng.random() < 0.3 and len(names) > 1:
             names = names[: int(rng.integers(1, len(names)))]
         return (" and " if rng.random() < 0.6 else ", ").join(names)
-    phrases = [_object_phrase(o, rng) for o in kept]
+    phrases = [_object_phrase(o, rng, p_attributes) for o in kept]
     things = _join(phrases, rng)
     bg = _BACKGROUND_PHRASES[background]
-    if rng.random() < 0.6 and background_colour:
+    if rng.random() < 0.6 * p_attributes and background_colour:
         bg = f"a {background_colour} brick wall" if background == "brick wall" else f"{background_colour} {bg}"
     templates = (
         "{things} on {bg}",

@@ -1,0 +1,190 @@
+"""The bundled model's quality gate (`evaluate --dataset toyworld`) and `maskdiffusion demo`, on the `toy` model.
+
+Runs are in-process through the CLI entry point, one torch thread, the model loaded once
+(``cli.load_segmenter`` memoised by the ``shared_models`` fixture of conftest.py), a handful of scenes each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskdiffusion import MaskDiffusion, cli
+from maskdiffusion.metrics import ConfusionMatrix, scores
+from maskdiffusion.runstate import canonical
+from maskdiffusion.toyworld.gate import attention_labels, dataset_clusters, held_out_scenes
+from maskdiffusion.toyworld.world import CLASS_NAMES, eval_seed, is_train_seed
+
+HEADLINES = ("mIoU", "attention_only_miou", "reference_miou", "unsupervised_miou", "rgb_kmeans_miou")
+VARIANT_OF = {
+    "mIoU": "default",
+    "attention_only_miou": "attention_only",
+    "reference_miou": "reference",
+    "unsupervised_miou": "unsupervised",
+    "rgb_kmeans_miou": "rgb_kmeans",
+}
+LIMIT = 6
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "shared_models")
+
+
+def gate(out: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--dataset", "toyworld", "--model", "toy", "--device", "cpu", "--limit", str(LIMIT),
+            "--figures", "2", "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+def run_gate(out: Path, *extra: str) -> dict:
+    assert cli.main(gate(out, *extra)) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def results_of(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key != "runtime"}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "run"
+    return out, run_gate(out)
+
+
+@pytest.fixture(scope="module")
+def first(first_run):
+    return first_run[1]
+
+
+def test_gate_needs_no_root_and_reports_all_five_numbers(first):
+    for key in HEADLINES:
+        assert isinstance(first[key], float) and 0.0 <= first[key] <= 100.0, key
+        assert first[key] == first["variants"][VARIANT_OF[key]]["mIoU"]
+    assert first["num_images"] == LIMIT and first["limit"] == LIMIT and first["seed"] == 0
+    assert first["model"] == "toy" and first["dataset"] == "toyworld" and first["settings"]["root"] is None
+    assert first["class_names"] == list(CLASS_NAMES)
+    toy = MaskDiffusion.from_pretrained("toy", device="cpu")
+    assert first["presets"] == canonical({name: toy.presets[name].to_dict() for name in ("default", "reference")})
+    assert first["presets"]["default"] != first["presets"]["reference"]
+    assert sum(map(sum, first["confusion_matrix"])) == LIMIT * 64 * 64  # every pixel of every scene
+
+
+def test_every_number_is_the_score_of_its_own_confusion_matrix(first):
+    for key, name in VARIANT_OF.items():
+        variant = first["variants"][name]
+        matrix = ConfusionMatrix(len(CLASS_NAMES))
+        matrix.counts[:] = variant["confusion_matrix"]
+        matrix.unassigned[:] = variant["unassigned_pixels"]
+        assert matrix.num_pixels == LIMIT * 64 * 64
+        assert scores(matrix, CLASS_NAMES)["mIoU"] == pytest.approx(first[key])
+    assert first["confusion_matrix"] == first["variants"]["default"]["confusion_matrix"]
+    for name in ("unsupervised", "rgb_kmeans"):
+        assert sorted(first["variants"][name]["cluster_to_class"]) == list(range(len(CLASS_NAMES)))
+
+
+def test_gate_scores_held_out_scenes_only(first):
+    seeds = [eval_seed(i, 0) for i in range(LIMIT)]
+    assert first["scene_seeds"] == [seeds[0], seeds[-1]]
+    assert not any(is_train_seed(s) for s in seeds)
+    assert [s.seed for s in held_out_scenes(LIMIT, 0)] == seeds
+
+
+def test_gate_writes_report_chart_and_figure_grid(first_run):
+    out = first_run[0]
+    report = (out / "report.md").read_text()
+    assert "## Variants" in report and "rgb_kmeans" in report and "figures.png" in report
+    assert (out / "per_class_iou.png").stat().st_size > 0
+    with Image.open(out / "figures.png") as figure:
+        assert figure.height >= 2 * 64 * 3  # two scenes, x3
+        assert figure.width > 7 * 64 * 3  # image, ground truth and five predictions
+
+
+def test_same_seed_gives_the_same_metrics(first, tmp_path):
+    assert results_of(run_gate(tmp_path / "again")) == results_of(first)
+
+
+def test_another_seed_scores_other_scenes(first, tmp_path):
+    other = run_gate(tmp_path / "seed1", "--seed", "1")
+    assert other["seed"] == 1 and other["scene_seeds"] == [eval_seed(0, 1), eval_seed(LIMIT - 1, 1)]
+    assert other["variants"]["rgb_kmeans"]["confusion_matrix"] != first["variants"]["rgb_kmeans"]["confusion_matrix"]
+    assert other["confusion_matrix"] != first["confusion_matrix"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "many"])
+def test_bad_limit_is_a_usage_error(limit, tmp_path, capsys):
+    args = gate(tmp_path / "out")
+    args[args.index("--limit") + 1] = limit
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_the_gate_cannot_honour_are_refused(tmp_path, capsys):
+    assert cli.main(gate(tmp_path / "out", "--root", "datasets", "--mode", "unsupervised")) == 2
+    err = capsys.readouterr().err
+    assert "--root" in err and "--mode" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_data_sets_still_need_root(tmp_path, capsys):
+    code = cli.main(["evaluate", "--dataset", "cityscapes19", "--model", "toy", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--root" in capsys.readouterr().err
+
+
+def test_gate_refuses_a_resumable_evaluation_folder(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    assert cli.main(gate(tmp_path / "run")) == 2
+    assert "run.json" in capsys.readouterr().err
+
+
+def test_dataset_clusters_recover_separable_classes_up_to_a_permutation():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(len(CLASS_NAMES), 5)) * 10
+    truths = [rng.integers(0, len(CLASS_NAMES), (8, 8)).astype(np.uint8) for _ in range(3)]
+    maps = [torch.from_numpy(centres[t] + rng.normal(size=(8, 8, 5)) * 0.01).permute(2, 0, 1).float() for t in truths]
+    matrix, matching, predictions = dataset_clusters(maps, truths, len(CLASS_NAMES), seed=0, pool_size=1000)
+    assert scores(matrix, CLASS_NAMES)["mIoU"] == pytest.approx(100.0)
+    assert sorted(matching.tolist()) == list(range(len(CLASS_NAMES)))
+    for truth, prediction in zip(truths, predictions, strict=True):
+        np.testing.assert_array_equal(prediction, truth)
+
+
+def test_attention_only_labels_are_the_argmax_of_the_upsampled_maps():
+    attention = np.zeros((len(CLASS_NAMES), 4, 4), np.float32)
+    attention[2, :, :2] = 1.0
+    attention[5, :, 2:] = 1.0
+    labels = attention_labels(SimpleNamespace(attention=attention, labels=np.zeros((16, 16), np.int64)))
+    assert labels.shape == (16, 16)
+    assert (labels[:, :6] == 2).all() and (labels[:, -6:] == 5).all()
+
+
+def test_demo_segments_held_out_scenes_and_prints_their_miou(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--scenes", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    figure = out / "toyworld.png"
+    assert str(figure) in printed
+    with Image.open(figure) as picture:
+        assert picture.height >= 3 * 64 * 4 and picture.width >= 3 * 64 * 4  # 3 rows of 3 panels, x4
+    miou = float(re.search(r"mIoU[^:]*: ([0-9.]+)%", printed).group(1))
+    toy = MaskDiffusion.from_pretrained("toy", device="cpu")
+    scenes = held_out_scenes(3)
+    matrix = ConfusionMatrix(len(CLASS_NAMES))
+    for scene, result in zip(scenes, toy.segment_batch([s.image for s in scenes], list(CLASS_NAMES)), strict=True):
+        matrix.update(result.labels, scene.labels)
+    assert miou == pytest.approx(scores(matrix, CLASS_NAMES)["mIoU"], abs=0.006)
+
+
+def test_demo_needs_at_least_one_scene(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--out", str(tmp_path / "demo"), "--scenes", "0"])
+    assert exit_info.value.code == 2 and "--scenes" in capsys.readouterr().err
