@@ -69,7 +69,8 @@ class TrainConfig:
     lr: float = 5e-4
     warmup: int = 200
     p_uncond: float = 0.1
-    mid_t_fraction: float = 0.5  # share of timesteps drawn from [200, 700), the rest uniform
+    mid_t_fraction: float = 0.5  # share of timesteps drawn from mid_t_range, the rest uniform
+    mid_t_range: tuple[int, ...] = (200, 700)
     binding_weight: float = 0.0
     binding_margin: float = 0.1  # relative: swapped-caption loss should exceed right by 10%
     binding_fraction: float = 0.5  # share of the batch that also runs the swapped caption
@@ -236,7 +237,7 @@ def captions_for(
 
 def sample_timesteps(cfg: TrainConfig, n: int, rng: np.random.Generator) -> torch.Tensor:
     uniform = rng.integers(0, 1000, n)
-    mid = rng.integers(200, 700, n)
+    mid = rng.integers(cfg.mid_t_range[0], cfg.mid_t_range[1], n)
     pick = rng.random(n) < cfg.mid_t_fraction
     return torch.from_numpy(np.where(pick, mid, uniform)).long()
 
