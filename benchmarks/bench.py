@@ -8,8 +8,11 @@ interleaved and the median reported; memory is the peak resident set (CPU) or
 
     python benchmarks/bench.py                 # fp32 (+ bf16 where the CPU has it), ~13 min
     python benchmarks/bench.py --quick         # fewer repetitions, no Cityscapes-sized case
+    python benchmarks/bench.py --toyworld      # only the toy-world checks (bundled model), ~1-2 min
 
-Writes the table to ``benchmarks/results/<device>.md``.
+Writes the table to ``benchmarks/results/<device>.md``. Every run also does the toy-world checks
+(``toyworld_checks.py``: half precision vs fp32 and shared-queries vs batch on held-out scenes of
+the bundled model's world) and writes them to ``benchmarks/results/toyworld-<device>.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from maskdiffusion import MaskDiffusion
 from maskdiffusion.loading import Components, model_presets
 from maskdiffusion.prompts import clip_tokenizer
 from maskdiffusion.tiny import SD_NOISE_SCHEDULE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toyworld_checks  # beside this file
 
 ATTENTION = "reference attention branch, 512x512"
 FEATURES = "reference feature branch, one 512x512 crop"
@@ -226,11 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repetition, skip the Cityscapes-sized case")
+    parser.add_argument("--toyworld", action="store_true", help="only the toy-world checks (bundled model)")
+    parser.add_argument("--scenes", type=int, default=toyworld_checks.DEFAULT_SCENES,
+                        help="held-out toy-world scenes of the toy-world checks")  # fmt: skip
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     repeats = 1 if args.quick else args.repeats
     half = torch.bfloat16 if device.type == "cpu" else torch.float16
+    if args.toyworld:
+        toyworld(device, half, args.scenes, Path(args.out))
+        return 0
     print(f"building SD 1.5-shaped random models on {device} ...", flush=True)
     components, vision = sd15_components(device)
     ours = MaskDiffusion(components, model_id="sd15-shaped-random", device=device, cache_size=0)
@@ -279,25 +291,23 @@ def main(argv: list[str] | None = None) -> int:
         results |= measure({"ours, 1024x2048": lambda: ours(street, TEN_CLASSES)}, 1, device)
         # The reference's 8 feature crops are 8 identical calls: their measured median, 8 times.
         results["reference-pattern, 1024x2048"] = compose(results, {ATTENTION: 1, FEATURES: 8})
-    agreement = label_agreement(device, half)
-    write_report(results, agreement, components, vision, device, half, repeats, Path(args.out))
+    checks = toyworld(device, half, args.scenes, Path(args.out))
+    write_report(results, checks, components, vision, device, half, repeats, Path(args.out))
     return 0
 
 
-def label_agreement(device: torch.device, half: torch.dtype) -> float:
-    """Share of pixels where half precision and fp32 agree, on the tiny model and the example images."""
-    from maskdiffusion.cli import example_images
+def toyworld(device: torch.device, half: torch.dtype, scenes: int, out: Path) -> dict:
+    """The toy-world checks; writes ``toyworld-<device>.md`` and returns their numbers."""
+    checks = toyworld_checks.run_checks(device, half, scenes)
+    text = toyworld_checks.report(checks, device_name(device))
+    print(text)
+    from maskdiffusion.files import write_text
 
-    full = MaskDiffusion.from_pretrained("tiny-random", device=device)
-    reduced = MaskDiffusion.from_pretrained("tiny-random", device=device, dtype=half)
-    same = total = 0
-    for path, classes in example_images():
-        a, b = full(path, classes).labels, reduced(path, classes).labels
-        same, total = same + int((a == b).sum()), total + a.size
-    return same / total
+    write_text(out / f"toyworld-{device.type}.md", text)
+    return checks
 
 
-def write_report(results, agreement, components, vision, device, half, repeats, out: Path) -> None:
+def write_report(results, checks, components, vision, device, half, repeats, out: Path) -> None:
     ours_weights = weights_bytes(components.unet, components.vae, components.text_encoder)
     # The reference holds two SD checkpoints (v1.4 for attention, ODISE's v1.3 for features)
     # and the CLIP image encoder.
@@ -355,8 +365,14 @@ def write_report(results, agreement, components, vision, device, half, repeats, 
         )
     else:
         lines.append(f"| {half_name} cases | not run: no native {half_name} (AMX / AVX512-BF16) on this CPU | |")
+    spread = checks["long_vocabulary"]["spread"]
     lines += [
-        f"| labels ours {half_name} = ours fp32 (tiny model, example images) | {100 * agreement:.1f}% | >= 99% |",
+        f"| labels ours {half_name} = ours fp32 (bundled toy model, {checks['scenes']} held-out toy-world scenes) "
+        f"| {100 * checks['precision']['agreement']:.1f}% | >= 99% |",
+        f"| toy-world mIoU, {spread['names']} names in {spread['prompts']} prompts (toy classes spread): "
+        "shared-queries vs batch "
+        f"| {spread['shared-queries']['mIoU']:.1f} vs {spread['batch']['mIoU']:.1f} "
+        f"| shared-queries as default only if quality holds ([toyworld-{device.type}.md](toyworld-{device.type}.md)) |",
         f"| re-query / first query | {ratio('ours, re-query (new classes)', 'ours, 512x512'):.2f} | <= 0.4 |",
         f"| 171 names / 10 names (batch) | {ratio('ours, 171 COCO-Stuff names (batch)', 'ours, 512x512'):.2f} | <= 3 |",
         f"| 171 names / 10 names (shared-queries) | "

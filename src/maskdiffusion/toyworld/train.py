@@ -80,6 +80,7 @@ class TrainConfig:
     p_attributes: float = 1.0  # share of caption phrases that name colours and patterns
     freeze_positions: int = 0  # 1: text position embeddings fixed at zero (word keys ignore order)
     class_attention_weight: float = 0.0  # weight of the pixel/class-word information prior
+    mosaic_fraction: float = 0.0  # share of samples made of two scenes' halves (two backgrounds)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -233,6 +234,42 @@ def captions_for(
                 twin = other
         swapped.append(twin)
     return right, swapped
+
+
+def mosaic(
+    first: Scene,
+    second: Scene,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    rng: np.random.Generator,
+    p_attributes: float,
+) -> tuple[torch.Tensor, str]:
+    """One training sample made of two scenes: ``first``'s left (or top) half, ``second``'s other.
+
+    Scenes of the world have one background each, so their captions never make a pixel choose
+    between two background words, yet the segmentation prompt lists all of them. A two-scene
+    mosaic names two backgrounds (and more shapes), so a pixel must read the right one. The
+    latent halves are cut at the middle (the factor-4 latent is local), and each half's caption
+    names the objects whose centre lies in it.
+    """
+    axis = int(rng.integers(2))  # 0: left | right, 1: top | bottom
+    half = latents[0].shape[-1] // 2
+    x0 = latents[0].clone()
+    if axis == 0:
+        x0[..., half:] = latents[1][..., half:]
+    else:
+        x0[..., half:, :] = latents[1][..., half:, :]
+    middle = first.image.shape[0] / 2
+    parts = []
+    for scene, keep_low in ((first, True), (second, False)):
+        kept = [o for o in scene.objects if ((o.cx if axis == 0 else o.cy) < middle) == keep_low]
+        cseed = int(rng.integers(2**31))
+        if kept:
+            parts.append(make_caption(scene.background, kept, cseed, scene.background_colour, p_attributes))
+        else:
+            parts.append(scene.background)
+    if rng.random() < 0.5:
+        parts.reverse()
+    return x0, (" and " if rng.random() < 0.5 else ", ").join(parts)
 
 
 def sample_timesteps(cfg: TrainConfig, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -502,6 +539,12 @@ def train_unet(
         batch_scenes = [scenes[i] for i in idx]
         right, swapped = captions_for(batch_scenes, rng, cfg.p_uncond, cfg.p_attributes)
         x0 = latents[torch.from_numpy(idx)]
+        for k in np.flatnonzero(rng.random(cfg.batch) < cfg.mosaic_fraction):
+            if not right[k]:
+                continue
+            j = int(rng.integers(len(scenes)))
+            x0[k], right[k] = mosaic(batch_scenes[k], scenes[j], (x0[k], latents[j]), rng, cfg.p_attributes)
+            swapped[k] = ""
         t = sample_timesteps(cfg, cfg.batch, rng)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(x0.shape, generator=gen)
