@@ -81,6 +81,7 @@ class TrainConfig:
     freeze_positions: int = 0  # 1: text position embeddings fixed at zero (word keys ignore order)
     class_attention_weight: float = 0.0  # weight of the pixel/class-word information prior
     mosaic_fraction: float = 0.0  # share of samples made of two scenes' halves (two backgrounds)
+    absent_class_weight: float = 0.0  # weight of the "pixels do not read classes the caption lacks" term
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -447,6 +448,12 @@ class ClassAttentionPrior:
         classes = self.owner.get("classes")
         if classes is not None:
             self.owner["terms"].append(pixel_class_information(probs, classes.repeat_interleave(attn.heads, 0)))
+        vocabulary = self.owner.get("vocabulary")
+        if vocabulary is not None:
+            words, word_class, present = vocabulary
+            keys = attn.head_to_batch_dim(attn.to_k(words[None]))  # (heads, W, d)
+            logits = q.unflatten(0, (-1, attn.heads)) @ keys.transpose(1, 2)[None] * attn.scale  # (B, h, N, W)
+            self.owner["absent"].append(absent_class_mass(logits, word_class, present))
         out = attn.batch_to_head_dim(probs @ v)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -468,11 +475,31 @@ def pixel_class_information(probs: torch.Tensor, classes: torch.Tensor) -> torch
     return (pixel - marginal).mean()
 
 
+def absent_class_mass(logits: torch.Tensor, word_class: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``-log P(a class the caption names)`` per pixel, averaged, over the whole class vocabulary.
+
+    ``logits``: ``(B, h, N, W)`` query-key scores against every class-name token of the world;
+    ``word_class``: ``(W,)`` class of each token; ``present``: ``(B, K)`` classes the caption
+    names. A class's score is the log-sum-exp of its tokens'. This is what the segmentation
+    prompt asks of the attention (a pixel's own class must beat every other class word), taught
+    from the caption alone: which classes it names, never where.
+    """
+    k = present.shape[1]
+    per_class = torch.stack([logits[..., word_class == c].logsumexp(-1) for c in range(k)], -1)  # (B,h,N,K)
+    log_p = per_class.log_softmax(-1)
+    named = present[:, None, None, :]
+    usable = present.any(1)
+    if not usable.any():
+        return logits.new_zeros(())
+    picked = log_p.masked_fill(~named, -torch.inf).logsumexp(-1)  # (B, h, N)
+    return -picked[usable].mean()
+
+
 def install_class_attention_prior(unet) -> dict:
     """Put :class:`ClassAttentionPrior` on every cross-attention layer; return its shared state."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    owner: dict = {"classes": None, "terms": []}
+    owner: dict = {"classes": None, "terms": [], "vocabulary": None, "absent": []}
     unet.set_attn_processor(
         {
             name: ClassAttentionPrior(owner) if name.endswith("attn2.processor") else AttnProcessor2_0()
@@ -527,12 +554,15 @@ def train_unet(
     sched = noise_scheduler()
     alphas = sched.alphas_cumprod.float()
     tokens = Tokens()
-    prior = install_class_attention_prior(unet) if cfg.class_attention_weight > 0 else None
+    use_prior = cfg.class_attention_weight > 0 or cfg.absent_class_weight > 0
+    prior = install_class_attention_prior(unet) if use_prior else None
     table = class_token_table(tokens.tokenizer)
+    vocabulary_ids = torch.tensor([[tokens.tokenizer.bos_token_id, *table]])
+    vocabulary_class = torch.tensor(list(table.values()))
     unet.train()
     text.train()
     last_save, t0 = time.time(), time.time()
-    meter: dict[str, list[float]] = {"loss": [], "margin": [], "gap": [], "prior": []}
+    meter: dict[str, list[float]] = {"loss": [], "margin": [], "gap": [], "prior": [], "absent": []}
     while step < cfg.steps:
         rng = step_rng(cfg, 2, step)
         idx = rng.integers(0, len(scenes), cfg.batch)
@@ -564,8 +594,13 @@ def train_unet(
             x_in, t_in, sel = xt, t, None
         cond = text(ids)[0]
         if prior is not None:
-            prior["classes"] = class_tokens(ids, table)
+            prior["classes"] = class_tokens(ids, table) if cfg.class_attention_weight > 0 else None
             prior["terms"] = []
+            prior["absent"] = []
+            if cfg.absent_class_weight > 0:
+                words = text(vocabulary_ids)[0][0, 1:]  # (W, width): every class-name token
+                present = class_tokens(ids, table).sum(1) > 0  # (B, K)
+                prior["vocabulary"] = (words, vocabulary_class, present)
         pred = unet(x_in, t_in, encoder_hidden_states=cond).sample
         losses = per_sample_mse(pred[: cfg.batch], noise)
         loss = losses.mean()
@@ -573,6 +608,10 @@ def train_unet(
             information = torch.stack(prior["terms"]).mean()
             loss = loss + cfg.class_attention_weight * information
             meter["prior"].append(information.item())
+        if prior is not None and prior["absent"]:
+            absent = torch.stack(prior["absent"]).mean()
+            loss = loss + cfg.absent_class_weight * absent
+            meter["absent"].append(absent.item())
         if sel is not None:
             l_swap = per_sample_mse(pred[cfg.batch :], noise[sel])
             l_right = losses[sel]
