@@ -89,3 +89,76 @@ def test_rerunning_a_finished_run_resumes_instead_of_restarting(tiny_run):
     lines = (out / "train_log.jsonl").read_text().splitlines()[before:]
     assert json.loads(lines[0])["resume"] is True
     assert not any(json.loads(line).get("phase") == "vae" and "rec" in json.loads(line) for line in lines)
+
+
+# -- the caption-only attention priors of session 3 (docs/toyworld.md) -----------------
+
+
+def test_information_prior_prefers_one_named_class_per_pixel_and_all_classes_used():
+    from maskdiffusion.toyworld.train import pixel_class_information
+
+    classes = torch.zeros(1, 4, 8)  # tokens 1 and 2 name classes 0 and 5
+    classes[0, 1, 0] = classes[0, 2, 5] = 1
+    crisp = torch.zeros(1, 6, 4)
+    crisp[0, :3, 1] = crisp[0, 3:, 2] = 1.0  # half the pixels read each class word
+    uniform = torch.full((1, 6, 4), 0.25)
+    collapsed = torch.zeros(1, 6, 4)
+    collapsed[0, :, 1] = 1.0  # every pixel on the same word
+    assert pixel_class_information(crisp, classes).item() == pytest.approx(
+        -torch.log(torch.tensor(2.0)).item(), abs=1e-4
+    )
+    assert pixel_class_information(uniform, classes).item() == pytest.approx(0.0, abs=1e-4)
+    assert pixel_class_information(collapsed, classes).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_absent_class_term_penalises_attention_to_classes_the_caption_lacks():
+    from maskdiffusion.toyworld.train import absent_class_mass
+
+    word_class = torch.tensor([0, 1, 1, 2])  # a two-token class 1, like "brick wall"
+    present = torch.tensor([[True, False, False]])
+    on_present = torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(1, 2, 5, 4)
+    on_absent = torch.tensor([0.0, 0.0, 10.0, 0.0]).expand(1, 2, 5, 4)
+    assert absent_class_mass(on_present, word_class, present).item() < 1e-3
+    assert absent_class_mass(on_absent, word_class, present).item() > 9.0
+
+
+def test_mosaic_joins_two_scenes_latent_halves_and_names_both_backgrounds():
+    import numpy as np
+
+    from maskdiffusion.toyworld.train import mosaic
+    from maskdiffusion.toyworld.world import BACKGROUNDS, make_scene
+
+    first = next(s for s in map(make_scene, range(100)) if s.background == "water")
+    second = next(s for s in map(make_scene, range(100)) if s.background == "sand")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        x0, caption = mosaic(first, second, (torch.zeros(4, 8, 8), torch.ones(4, 8, 8)), rng, 0.0)
+        assert x0.sum().item() == 4 * 8 * 4  # exactly one half comes from each scene
+        named = {b for b in BACKGROUNDS if b in caption}
+        assert named <= {"water", "sand"}
+        assert "water" in caption or any(o.shape in caption for o in first.objects)
+
+
+def test_word_encoder_options_train_and_keep_positions_at_zero(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        TINY,
+        steps=6,
+        binding_weight=0.0,
+        text_layers=0,
+        freeze_positions=1,
+        p_attributes=0.0,
+        class_attention_weight=0.01,
+        absent_class_weight=0.01,
+        mosaic_fraction=0.5,
+    )
+    torch.set_num_threads(1)
+    run(cfg, tmp_path, checkpoint_minutes=60.0, log_every=3, export=False)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r.get("phase") == "unet" and "loss" in r]
+    assert logged and all("prior" in r and "absent" in r for r in logged)
+    from maskdiffusion.toyworld.train import models_from_checkpoint
+
+    _, _, _, text = models_from_checkpoint(tmp_path / "checkpoint.pt")
+    assert torch.count_nonzero(text.embeddings.position_embedding.weight) == 0
