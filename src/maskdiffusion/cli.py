@@ -28,7 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
     parser.add_argument(
         "--model",
         default=default_model,
-        help=f"hub id or diffusers folder (default: {default_model}; 'tiny-random' = random test model)",
+        help=f"hub id or diffusers folder (default: {default_model}; 'toy' = the bundled toy-world model, "
+        "'tiny-random' = random test model)",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument(
