@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from maskdiffusion.loading import toy_model_path
 from maskdiffusion.toyworld import sample as toysample
 from maskdiffusion.toyworld.world import BACKGROUNDS, eval_seed, make_scene
 
@@ -91,27 +88,14 @@ GENERATOR_CAPTIONS = {
     "sand": "a star on sand",
 }
 GENERATOR_SETTINGS = {"per_caption": 8, "steps": 20, "guidance": 7.5, "seed": 0}
-MIN_BACKGROUND_ACCURACY = 0.3
+MIN_BACKGROUND_ACCURACY = 0.6
 """Share of samples whose measured background is the captioned one (chance: 0.25, exactly,
-since every caption's row starts from the same noises). Calibrated on the development model
-(L1, 3,500 steps, colour-rich captions): 0.33 at these settings (0.25 at guidance 3, 0.40
-at 15; VAE reconstructions of real scenes reach 0.94, the ceiling this autoencoder allows).
-Re-measure and raise it when the bundled weights are replaced."""
-
-PLACEHOLDER_STEPS = 100  # bundled weights trained for fewer steps than this are a placeholder
+since every caption's row starts from the same noises). Measured with the bundled weights
+(6,000 steps, see docs/toyworld.md): 0.81 at these settings (seed 1: 0.72; guidance 3: 0.69
+/ 0.41); the colour-rich L1 model scored 0.31, and VAE reconstructions of real scenes reach
+0.94, the ceiling this autoencoder allows."""
 
 
-def _bundled_training_steps() -> int | None:
-    settings = toy_model_path() / "maskdiffusion.json"
-    if not settings.exists():
-        return None
-    return json.loads(settings.read_text()).get("notes", {}).get("steps")
-
-
-@pytest.mark.skipif(
-    (_bundled_training_steps() or PLACEHOLDER_STEPS) < PLACEHOLDER_STEPS,
-    reason="the bundled toy model holds placeholder weights",
-)
 def test_bundled_model_draws_the_background_its_caption_names():
     torch.set_num_threads(1)
     kinds = list(GENERATOR_CAPTIONS)
