@@ -78,7 +78,8 @@ def test_recommended_settings_are_read_by_the_core_loader(tiny_run):
 
     _, model, _ = tiny_run
     presets = model_presets(model)
-    assert presets["default"].size == 64 and presets["default"].attention_factors == (4,)
+    assert presets["default"].size == 64 and presets["default"].attention_factors == (8,)
+    assert presets["default"].feature_blocks == (1,)
     assert presets["reference"].attention_factors == (8, 16)
 
 
@@ -162,3 +163,27 @@ def test_word_encoder_options_train_and_keep_positions_at_zero(tmp_path):
 
     _, _, _, text = models_from_checkpoint(tmp_path / "checkpoint.pt")
     assert torch.count_nonzero(text.embeddings.position_embedding.weight) == 0
+
+
+def test_a_stage_stops_where_asked_and_the_next_continues_it_with_new_settings(tmp_path):
+    import dataclasses
+
+    torch.set_num_threads(1)
+    first_cfg = dataclasses.replace(TINY, steps=8, binding_weight=0.0, text_layers=0)
+    run(first_cfg, tmp_path / "a", checkpoint_minutes=60.0, log_every=2, export=False, stop_at=4)
+    first = torch.load(tmp_path / "a" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert first["step"] == 4
+    second_cfg = dataclasses.replace(first_cfg, absent_class_weight=0.01)
+    run(
+        second_cfg,
+        tmp_path / "b",
+        checkpoint_minutes=60.0,
+        log_every=2,
+        export=False,
+        continue_from=tmp_path / "a" / "checkpoint.pt",
+    )
+    second = torch.load(tmp_path / "b" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert second["step"] == 8 and second["config"]["absent_class_weight"] == 0.01
+    records = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps[0] == 6 and all("absent" in r for r in records if "loss" in r)
