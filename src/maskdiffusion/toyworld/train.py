@@ -596,12 +596,13 @@ def train_unet(
             x_in, t_in, sel = xt, t, None
         cond = text(ids)[0]
         if prior is not None:
-            prior["classes"] = class_tokens(ids, table) if cfg.class_attention_weight > 0 else None
+            named = class_tokens(ids, table)
+            prior["classes"] = named if cfg.class_attention_weight > 0 else None
             prior["terms"] = []
             prior["absent"] = []
             if cfg.absent_class_weight > 0:
                 words = text(vocabulary_ids)[0][0, 1:]  # (W, width): every class-name token
-                present = class_tokens(ids, table).sum(1) > 0  # (B, K)
+                present = named.sum(1) > 0  # (B, K)
                 prior["vocabulary"] = (words, vocabulary_class, present)
         pred = unet(x_in, t_in, encoder_hidden_states=cond).sample
         losses = per_sample_mse(pred[: cfg.batch], noise)
@@ -685,9 +686,10 @@ REFERENCE_PRESET = {
 """The reference mask head on this model: its coarse layers (the analogue of SD's 16x16 + 8x8)."""
 
 
-def models_from_checkpoint(path: Path, *, use_ema: bool = True) -> tuple:
-    """``(cfg, vae, unet, text_encoder)`` from a checkpoint (EMA weights by default), in eval mode."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def models_from_checkpoint(path: Path | dict, *, use_ema: bool = True) -> tuple:
+    """``(cfg, vae, unet, text_encoder)`` from a checkpoint file or its loaded state (EMA weights
+    by default), in eval mode."""
+    state = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_dict(state["config"])
     vae = build_vae(cfg)
     vae.load_state_dict(state["vae"])
@@ -849,9 +851,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if args.export_only:
-        saved, vae, unet, text = models_from_checkpoint(args.out / CHECKPOINT)
-        step = torch.load(args.out / CHECKPOINT, map_location="cpu", weights_only=False)["step"]
-        notes = {"train_config": dataclasses.asdict(saved), "steps": step}
+        state = torch.load(args.out / CHECKPOINT, map_location="cpu", weights_only=False)
+        saved, vae, unet, text = models_from_checkpoint(state)
+        notes = {"train_config": dataclasses.asdict(saved), "steps": state["step"]}
         print(export_model(args.out / MODEL_DIR, vae, unet, text, notes=notes))
         return
     print(
