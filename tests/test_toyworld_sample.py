@@ -62,8 +62,14 @@ def test_sampling_is_deterministic_per_seed_and_shaped(tiny_components):
     assert np.array_equal(first, toysample.sample(tiny_components, captions, seed=1, **kwargs))
     assert not np.array_equal(first, toysample.sample(tiny_components, captions, seed=2, **kwargs))
     # Image j of every caption starts from the same noise: a row depends on its caption only.
+    # Another batch shape may change the last bits of the passes (other kernels on other CPUs),
+    # so the pixels agree to within a few grey levels; other noise or another caption would
+    # change them by tens (checked just above with seed 2).
     alone = toysample.sample(tiny_components, captions[1:], seed=1, **kwargs)
-    assert np.array_equal(alone, first[2:])
+    difference = np.abs(alone.astype(np.int16) - first[2:].astype(np.int16))
+    assert difference.mean() <= 0.5 and np.percentile(difference, 99.9) <= 4, (difference.mean(), difference.max())
+    other = np.abs(first.astype(np.int16) - toysample.sample(tiny_components, captions, seed=2, **kwargs))
+    assert other.mean() > 5 * max(difference.mean(), 0.5)
     plain = toysample.sample(tiny_components, captions, seed=1, per_caption=2, steps=2, guidance=1.0)
     assert plain.shape == first.shape
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from maskdiffusion.views import ImageLoadError, ViewLayout, load_image, upsample_rows
+from maskdiffusion.views import ImageLoadError, InputLimits, ViewLayout, load_image, upsample_rows
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,64 @@ def test_arrays_are_accepted_and_bad_arrays_explained():
         load_image(np.zeros((2, 2), dtype=np.int32))
     with pytest.raises(ImageLoadError, match="unsupported"):
         load_image(42)
+
+
+def png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` RGB pixels, with almost no data: a tiny file."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = zlib.compress(b"\x00" + b"\x00" * 3 * width)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height", [(30000, 30000), (12000, 12000)])
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, width, height):
+    # 30000^2 is a PIL "decompression bomb"; 12000^2 is only over our limit. Neither is decoded.
+    path = tmp_path / "huge.png"
+    png_header_only(path, width, height)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ImageLoadError, match=r"huge\.png.*(megapixels|pixels)") as error:
+        load_image(path)
+    assert "downscale" in str(error.value)
+
+
+def test_the_pixel_limit_can_be_raised_or_lowered():
+    image = Image.new("RGB", (300, 200))
+    with pytest.raises(ImageLoadError, match=r"0\.06 megapixels, over the limit of 0\.05"):
+        load_image(image, limits=InputLimits(max_pixels=50_000))
+    assert load_image(image, limits=InputLimits(max_pixels=60_000)).size == (300, 200)
+
+
+@pytest.mark.parametrize("shape", [(1, 20000, 3), (4000, 16, 3)])
+def test_thin_or_tall_images_are_refused_with_the_limit_and_how_to_crop(shape):
+    with pytest.raises(ImageLoadError, match=r"aspect ratio of \d+\.\d:1, over the limit of 16:1.*crop"):
+        load_image(np.zeros(shape, dtype=np.uint8))
+    assert load_image(np.zeros((100, 1600, 3), dtype=np.uint8)).size == (1600, 100)  # 16:1 is allowed
+
+
+def test_non_finite_arrays_and_empty_images_are_refused():
+    bad = np.full((4, 4, 3), 0.5)
+    bad[1, 2, 0] = np.nan
+    with pytest.raises(ImageLoadError, match="NaN or infinite"):
+        load_image(bad)
+    bad[1, 2, 0] = np.inf
+    with pytest.raises(ImageLoadError, match="NaN or infinite"):
+        load_image(bad)
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_image(Image.new("RGB", (0, 0)))
+
+
+def test_premultiplied_alpha_modes_are_converted():
+    for mode in ("La", "RGBa"):
+        rgb = load_image(Image.new(mode, (3, 2)))
+        assert rgb.mode == "RGB" and rgb.size == (3, 2)
+
+
+def test_a_folder_given_as_an_image_is_named(tmp_path):
+    with pytest.raises(ImageLoadError, match="is a folder"):
+        load_image(tmp_path)

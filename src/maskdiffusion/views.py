@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,46 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 class ImageLoadError(ValueError):
-    """An input that is not a readable image; the message names it."""
+    """An input that is not a readable image (or one over the input limits); the message names it."""
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one image may cost, checked before any decoding or model work.
+
+    Attributes:
+        max_pixels: width x height of the decoded image (40 megapixels: its RGB copy is
+            120 MB and its int64 label map 320 MB). Checked from the file header, so a
+            "decompression bomb" (a small file that decodes to gigabytes) is never decoded.
+        max_aspect: long side / short side. A view covers the short side, so the long side
+            costs about ``2 * aspect`` sliding windows: 16 = at most 31 views per image.
+    """
+
+    max_pixels: int = 40_000_000
+    max_aspect: float = 16.0
+
+    def check(self, size: tuple[int, int], label: str) -> None:
+        """Raise :class:`ImageLoadError` when an image of ``size = (width, height)`` is over a limit."""
+        width, height = size
+        if width < 1 or height < 1:
+            raise ImageLoadError(f"image {label} is empty ({width}x{height} pixels)")
+        if width * height > self.max_pixels:
+            raise ImageLoadError(
+                f"image {label} has {width}x{height} = {width * height / 1e6:.3g} megapixels, over the limit of "
+                f"{self.max_pixels / 1e6:g}: downscale it first (or raise the limit: --max-megapixels, "
+                "InputLimits(max_pixels=...))"
+            )
+        aspect = max(width, height) / min(width, height)
+        if aspect > self.max_aspect:
+            raise ImageLoadError(
+                f"image {label} is {width}x{height} pixels, an aspect ratio of {aspect:.1f}:1, over the limit of "
+                f"{self.max_aspect:g}:1 (each view covers the short side, so the long side would need "
+                f"{round(2 * aspect)} views): crop it into pieces of at most {self.max_aspect:g}:1 "
+                "(or raise the limit: InputLimits(max_aspect=...))"
+            )
+
+
+DEFAULT_LIMITS = InputLimits()
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
@@ -32,6 +72,8 @@ def _composite_on_white(image: Image.Image) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
         return _composite_on_white(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -46,29 +88,51 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
+def _display(value: str, limit: int = 120) -> str:
+    """A user-given name, shortened for messages."""
+    return value if len(value) <= limit else f"{value[: limit - 20]}…{value[-19:]}"
+
+
+def load_image(image: ImageInput, *, name: str | None = None, limits: InputLimits = DEFAULT_LIMITS) -> Image.Image:
     """Read a path, PIL image or array as an upright 8-bit RGB PIL image.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images are
     converted; alpha is composited on white. Arrays: ``(H, W)``, ``(H, W, 1|3|4)``,
-    uint8 or float in [0, 1]. Raises :class:`ImageLoadError` naming the input.
+    uint8 or finite float in [0, 1]. ``limits`` is checked on the header, before decoding.
+    Raises :class:`ImageLoadError` naming the input.
     """
-    label = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__)
+    label = repr(_display(name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "")))
+    if label == "''":
+        label = f"(a {type(image).__module__.split('.')[0]} {type(image).__name__})"
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limits below decide
+                opened = Image.open(image)
+            with opened:
+                limits.check(opened.size, label)
                 opened.load()
                 pil = ImageOps.exif_transpose(opened)
                 pil = pil.copy() if pil is opened else pil
         except FileNotFoundError:
-            raise ImageLoadError(f"image {label!r} does not exist: check the path") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ImageLoadError(f"image {label} does not exist: check the path") from None
+        except IsADirectoryError:
+            raise ImageLoadError(f"image {label} is a folder, not an image file") from None
+        except Image.DecompressionBombError as error:
             raise ImageLoadError(
-                f"cannot read image {label!r}: not an image file or corrupt ({error}); "
-                "re-save it as PNG/JPEG or leave it out"
+                f"image {label} is refused: it decodes to far more pixels than its file size suggests ({error}); "
+                f"the limit is {limits.max_pixels / 1e6:g} megapixels: downscale it first"
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+            if isinstance(error, ImageLoadError):
+                raise
+            raise ImageLoadError(
+                f"cannot read image {label}: not an image file or corrupt ({type(error).__name__}: "
+                f"{_display(str(error))}); re-save it as PNG/JPEG or leave it out"
             ) from None
         return _to_rgb(pil)
     if isinstance(image, Image.Image):
+        limits.check(image.size, label)
         return _to_rgb(ImageOps.exif_transpose(image) or image)
     if isinstance(image, np.ndarray):
         array = image
@@ -78,9 +142,12 @@ def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
             raise ImageLoadError(
                 f"image array {label} has shape {image.shape}: expected (H, W), (H, W, 3) or (H, W, 4)"
             )
+        limits.check((array.shape[1], array.shape[0]), label)
         if array.dtype != np.uint8:
             if not np.issubdtype(array.dtype, np.floating):
                 raise ImageLoadError(f"image array {label} has dtype {array.dtype}: use uint8 or float in [0, 1]")
+            if not np.isfinite(array).all():
+                raise ImageLoadError(f"image array {label} holds NaN or infinite values: give finite values in [0, 1]")
             array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         return _to_rgb(Image.fromarray(array))
     raise ImageLoadError(

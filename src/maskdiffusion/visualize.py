@@ -17,6 +17,7 @@ _BASE_COLOURS = [
     (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
 ]  # fmt: skip
 BACKGROUND_COLOUR = (0, 0, 0)
+BAND_ROWS = 512  # rows blended at a time in overlays: bounds the float copies on large images
 
 
 def palette(count: int) -> np.ndarray:
@@ -76,14 +77,23 @@ def overlay(
 ) -> Image.Image:
     """Image blended with its label colours, with a legend panel on the right.
 
-    ``show``: class indices listed in the legend (default: the classes present).
+    ``show``: class indices listed in the legend (default: the classes present). Works a
+    band of rows at a time, so memory stays near the size of the picture itself.
     """
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    painted = colorize(labels, colours).astype(np.float32)
-    blended = np.where(labels[..., None] >= 0, (1 - alpha) * base + alpha * painted, base)
-    picture = Image.fromarray(blended.round().astype(np.uint8))
+    base = np.asarray(image.convert("RGB"))
+    blended = np.empty_like(base)
+    present: set[int] = set()
+    for top in range(0, base.shape[0], BAND_ROWS):
+        rows = slice(top, top + BAND_ROWS)
+        band, pixels = labels[rows], base[rows].astype(np.float32)
+        painted = colorize(band, colours).astype(np.float32)
+        mixed = np.where(band[..., None] >= 0, (1 - alpha) * pixels + alpha * painted, pixels)
+        blended[rows] = mixed.round().astype(np.uint8)
+        if show is None:
+            present.update(int(c) for c in np.unique(band) if c >= 0)
+    picture = Image.fromarray(blended)
     if show is None:
-        show = [int(c) for c in np.unique(labels) if c >= 0]
+        show = sorted(present)
     panel = legend(
         [names[c] for c in show],
         colours[list(show)],
