@@ -6,24 +6,56 @@ token (``maps[1:-1:2]``), which breaks on "traffic light" and silently overflows
 prompt's ids are the concatenation of the pieces, so each class knows exactly which
 positions are its own, and vocabularies that do not fit one context are packed into
 several prompts.
+
+Class words are tokenised as CLIP's training tokenizer saw its captions (see
+:func:`clip_text`); the names shown to the user stay as typed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+import ftfy
 import torch
 
 CLIP_CONTEXT = 77
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's BPE merges, as shipped by OpenAI's CLIP
+MAX_CLASSES = 4096  # more than any benchmark vocabulary (ADE20K-full: 3,688); bounds memory and work
+MAX_WORD_CHARS = 1000  # far past what fits the 75 tokens of a prompt
+MAX_CLASS_FILE_BYTES = 1 << 20  # 1 MiB: thousands of names, not a file read by mistake
+QUOTE_CHARS = 60  # user text quoted in a message is cut after this many characters
 
 
 class VocabularyError(ValueError):
     """A class list that cannot be segmented (empty, blank or duplicate names, too long)."""
+
+
+def shorten(text: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of user text for a message, cut after ``limit`` characters (a 10,000-character name stays readable)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
+def clip_text(text: str) -> str:
+    """``text`` as CLIP's tokenizer prepared captions before BPE during training.
+
+    ftfy repairs mojibake, ligatures (ﬁ), full-width letters and curly quotes; HTML
+    entities are unescaped twice ("AT&amp;amp;T" -> "AT&T"); whitespace runs become one
+    space. Lower-casing is left to the tokenizer. transformers' CLIPTokenizer (v5, and
+    the fast one of v4) does only NFC, whitespace and lower-casing, so without this
+    "AT&amp;T" or "ﬁsh" get ids CLIP never saw; v4's slow tokenizer runs ftfy itself,
+    which is harmless after this (fixed text stays fixed).
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -72,38 +104,76 @@ class PromptBatch:
         return weights
 
 
+def _class_words(item: object, position: int) -> list[str]:
+    """The words of one class item (a name, ``"a|b"``, a list of synonyms or a :class:`ClassName`)."""
+    if isinstance(item, ClassName):
+        item = item.synonyms
+    if isinstance(item, str):
+        words: list[object] = item.split("|")
+    elif isinstance(item, (list, tuple)):
+        words = list(item)
+    else:
+        raise VocabularyError(
+            f"class #{position} is a {type(item).__name__}, not a name: give names as text, e.g. 'road, sky'"
+        )
+    cleaned = []
+    for word in words:
+        if not isinstance(word, str):
+            raise VocabularyError(
+                f"class #{position} has a synonym that is a {type(word).__name__}, not text: give words as text"
+            )
+        if len(word) > MAX_WORD_CHARS:
+            raise VocabularyError(
+                f"class #{position} ({shorten(word)}) is longer than {MAX_WORD_CHARS:,} characters: "
+                "a class is named by a few words"
+            )
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            raise VocabularyError(
+                f"class #{position} ({shorten(word)}) is not valid Unicode text (it holds a lone surrogate): "
+                "decode the text properly before passing it"
+            ) from None
+        cleaned.append(" ".join(word.split()))
+    if not cleaned or any(not word for word in cleaned):
+        raise VocabularyError(
+            f"class #{position} ({shorten(item if isinstance(item, str) else '|'.join(cleaned))}) is blank or has "
+            "a blank synonym: give every class at least one word, e.g. 'road, sky, person|pedestrian'"
+        )
+    return cleaned
+
+
 def parse_classes(classes: str | Sequence[str | Sequence[str] | ClassName]) -> list[ClassName]:
     """Normalise a user's class list; raise :class:`VocabularyError` on bad input.
 
     Accepts ``"road, traffic light, person|pedestrian"`` (comma-separated, ``|`` between
     synonyms), a list of names, a list whose items are lists of synonyms, or a list of
-    :class:`ClassName`.
+    :class:`ClassName`. At most :data:`MAX_CLASSES` classes. Words that CLIP would read
+    as the same text (:func:`clip_text`, any case) may name one class only.
     """
     if isinstance(classes, str):
-        items: list[str | Sequence[str]] = classes.split(",")
-    else:
+        items: list[object] = classes.split(",")
+    elif isinstance(classes, (list, tuple)):
         items = list(classes)
+    else:
+        raise VocabularyError(
+            f"classes must be text like 'road, sky' or a list of names, not a {type(classes).__name__}"
+        )
+    if len(items) > MAX_CLASSES:
+        raise VocabularyError(f"{len(items):,} classes given; at most {MAX_CLASSES:,} can be segmented at once")
     parsed: list[ClassName] = []
     for position, item in enumerate(items, start=1):
-        if isinstance(item, ClassName):
-            item = item.synonyms
-        words = item.split("|") if isinstance(item, str) else list(item)
-        words = [" ".join(str(word).split()) for word in words]
-        if not words or any(not word for word in words):
-            raise VocabularyError(
-                f"class #{position} ({item!r}) is blank or has a blank synonym: "
-                "give every class at least one word, e.g. 'road, sky, person|pedestrian'"
-            )
+        words = _class_words(item, position)
         parsed.append(ClassName(name=words[0], synonyms=tuple(words)))
     if not parsed:
         raise VocabularyError("the class list is empty: give at least one class name, e.g. 'road, sky'")
     seen: dict[str, str] = {}
     for cls in parsed:
         for word in cls.synonyms:
-            key = word.casefold()
+            key = clip_text(word).casefold()
             if key in seen:
                 raise VocabularyError(
-                    f"class word {word!r} appears twice (also in {seen[key]!r}): each word may "
+                    f"class word {shorten(word)} appears twice (also in {shorten(seen[key])}): each word may "
                     "name one class only; merge them with '|' if they are synonyms"
                 )
             seen[key] = cls.name
@@ -111,13 +181,36 @@ def parse_classes(classes: str | Sequence[str | Sequence[str] | ClassName]) -> l
 
 
 def read_class_file(path: str) -> list[ClassName]:
-    """One class per line, ``a|b`` for synonyms; blank lines and ``#`` comments skipped."""
+    """One class per line, ``a|b`` for synonyms; blank lines and ``#`` comments skipped.
+
+    The file must be UTF-8 text (a byte-order mark is allowed) of at most
+    :data:`MAX_CLASS_FILE_BYTES`; anything else is refused naming the file.
+    """
+    name = repr(str(path))  # whole: the file's name is at its end
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = [line.split("#", 1)[0].strip() for line in handle]
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CLASS_FILE_BYTES + 1)
     except OSError as error:
-        raise VocabularyError(f"cannot read class file {path!r}: {error.strerror}") from None
-    return parse_classes([line for line in lines if line])
+        raise VocabularyError(f"cannot read class file {name}: {error.strerror or error}") from None
+    if len(data) > MAX_CLASS_FILE_BYTES:
+        raise VocabularyError(
+            f"class file {name} is larger than {MAX_CLASS_FILE_BYTES >> 20} MiB: it must be a text file with "
+            f"one class per line (at most {MAX_CLASSES:,} classes)"
+        )
+    text = None
+    if b"\0" not in data:  # NUL bytes: a binary file or UTF-16, never a class list
+        with contextlib.suppress(UnicodeDecodeError):
+            text = data.decode("utf-8-sig")
+    if text is None:
+        raise VocabularyError(
+            f"class file {name} is not UTF-8 text (is it a binary file?): it must be a UTF-8 text file "
+            "with one class per line"
+        )
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    try:
+        return parse_classes([line for line in lines if line])
+    except VocabularyError as error:
+        raise VocabularyError(f"class file {name}: {error}") from None
 
 
 def _byte_alphabet() -> list[str]:
@@ -148,19 +241,42 @@ def clip_tokenizer():
     )
 
 
-def _word_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+def _special_literals(tokenizer) -> list[str]:
+    """Special tokens of ``tokenizer`` that a text could spell out (``<|endoftext|>``, ...).
+
+    Single characters are left out: SD 2.x pads with ``"!"``, an ordinary character.
+    """
+    tokens = set(getattr(tokenizer, "all_special_tokens", []))
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            tokens.add(str(getattr(added, "content", added)))
+    return sorted(token for token in tokens if len(token) > 1)
+
+
+def _tokenised(tokenizer, text: str, what: str, specials: Sequence[str]) -> tuple[str, list[int]]:
+    """``text`` as CLIP saw it (:func:`clip_text`) and its ids; ``what`` names it in errors."""
+    text = clip_text(text)
+    for token in specials:
+        if token in text:
+            raise VocabularyError(
+                f"{what} contains the special token {token!r}, which the tokenizer would turn into a control "
+                "token: remove it"
+            )
+    return text, list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
 def build_prompts(tokenizer, classes: Sequence[ClassName], separator: str = " and ") -> PromptBatch:
     """Pack class words into as few prompts as the context allows.
 
     Each prompt is ``BOS w1 sep w2 sep ... EOS pad...``; a class's synonyms stay in one
-    prompt. Raises :class:`VocabularyError` if one class alone does not fit.
+    prompt. Words and separator are tokenised as :func:`clip_text` prepares them;
+    ``texts`` holds that prepared text. Raises :class:`VocabularyError` if one class
+    alone does not fit, or a word spells out a special token.
     """
     context = min(int(tokenizer.model_max_length), 10_000)
     capacity = context - 2
-    sep_ids = _word_ids(tokenizer, separator) if separator.strip() else []
+    specials = _special_literals(tokenizer)
+    _, sep_ids = _tokenised(tokenizer, separator, f"the separator {shorten(separator)}", specials)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
@@ -168,13 +284,16 @@ def build_prompts(tokenizer, classes: Sequence[ClassName], separator: str = " an
     words_of_prompt: list[list[str]] = [[]]
     spans: list[tuple[TokenSpan, ...]] = []
     for cls in classes:
-        pieces = [_word_ids(tokenizer, word) for word in cls.synonyms]
+        name = shorten(cls.name)
+        words, pieces = zip(
+            *(_tokenised(tokenizer, word, f"class {name}", specials) for word in cls.synonyms), strict=True
+        )
         if any(not piece for piece in pieces):
-            raise VocabularyError(f"class {cls.name!r} has a word that the tokenizer turns into no tokens")
+            raise VocabularyError(f"class {name} has a word that the tokenizer turns into no tokens")
         need = sum(len(p) for p in pieces) + len(sep_ids) * (len(pieces) - 1)
         if need > capacity:
             raise VocabularyError(
-                f"class {cls.name!r} needs {need} tokens but a prompt holds {capacity}: shorten it "
+                f"class {name} needs {need} tokens but a prompt holds {capacity}: shorten it "
                 "or drop some of its synonyms"
             )
         current = prompts[-1]
@@ -183,7 +302,7 @@ def build_prompts(tokenizer, classes: Sequence[ClassName], separator: str = " an
             words_of_prompt.append([])
             current = prompts[-1]
         class_spans = []
-        for piece, word in zip(pieces, cls.synonyms, strict=True):
+        for piece, word in zip(pieces, words, strict=True):
             if current:
                 current.extend(sep_ids)
             start = 1 + len(current)  # +1 for BOS
