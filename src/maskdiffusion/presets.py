@@ -9,24 +9,41 @@ features by up-block index (diffusers' ``unet.up_blocks[i]``, 0 = deepest).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn, get_args
+
+from .prompts import shorten
 
 AttentionMode = Literal["exp", "softmax"]
 LongVocabulary = Literal["batch", "shared-queries"]
+
+MAX_SIZE = 2048  # view short side: past Stable Diffusion's training sizes (512-1024), and memory grows as its square
+SIZE_STEP = 8  # model blocks are multiples of it (64 for SD, 16 for the toy model); the pipeline checks the model's own
+NUM_TIMESTEPS = 1000  # Stable Diffusion's training schedule; the pipeline also checks the model's own
+MAX_REFINE_STEPS = 100  # refinement converges in a few rounds; past this it only costs time
+MAX_SEPARATOR_CHARS = 100
+MAX_LAYERS = 16  # entries of attention_factors / feature_blocks
+MAX_UP_BLOCK = 15
+COSINE_RANGE = (-1.0, 1.0)  # scores with normalised prototypes
 
 
 @dataclass(frozen=True)
 class Preset:
     """Everything that decides a segmentation, besides the model and the class list.
 
+    Every instance is checked when built (:meth:`check`): a wrong type or a value out of
+    range is a ``ValueError`` naming the field, the value and the allowed range.
+
     Attributes:
         size: short side of a view in pixels; a multiple of the model's block size
-            (64 for Stable Diffusion).
+            (64 for Stable Diffusion), at most :data:`MAX_SIZE` (2048).
         window_overlap: fraction of a view shared by neighbouring sliding windows along
-            the long side of wide or tall images.
-        timestep: UNet timestep of the single pass; 0 = the clean latent (as the
-            reference). For t > 0 the latent is noised with seeded noise.
+            the long side of wide or tall images, in [0, 1).
+        timestep: UNet timestep of the single pass, 0 to 999; 0 = the clean latent (as
+            the reference). For t > 0 the latent is noised with seeded noise.
         seed: seed of that noise.
         separator: text between class names in a prompt.
         attention_mode: ``"exp"`` = exp(QK^T * scale), the reference's un-normalised
@@ -41,9 +58,11 @@ class Preset:
         normalize_prototypes: cosine scores (ours) or the reference's dot product with
             the un-normalised prototype.
         background_threshold: pixels whose best score is below it are labelled
-            background (-1; 255 in PNGs). ``None`` = every pixel gets a class.
+            background (-1; 255 in PNGs). ``None`` = every pixel gets a class. With
+            ``normalize_prototypes`` the scores are cosines, so it lies in [-1, 1].
         refine_steps: extra rounds where prototypes are recomputed from the current
-            labelling (hard assignment) instead of the attention.
+            labelling (hard assignment) instead of the attention; at most
+            :data:`MAX_REFINE_STEPS` (100).
         long_vocabulary: how vocabularies that need several prompts are run.
             ``"batch"``: one UNet pass per prompt (batched); features are the mean over
             the passes. ``"shared-queries"``: one pass with the first prompt; the other
@@ -67,41 +86,124 @@ class Preset:
     refine_steps: int = 0
     long_vocabulary: LongVocabulary = "batch"
 
+    def __post_init__(self) -> None:
+        """Normalise JSON-like values (lists -> tuples, numpy scalars -> Python) and :meth:`check` them."""
+        for name in ("attention_factors", "feature_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        for name, kind in _NUMBERS.items():
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                if kind is int and isinstance(value, numbers.Integral):
+                    object.__setattr__(self, name, int(value))
+                elif kind is float:
+                    object.__setattr__(self, name, float(value))
+        self.check()
+
     def replace(self, **changes) -> Preset:
-        """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        """A checked copy with ``changes`` applied (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> Preset:
-        """Build from JSON-like values (lists become tuples); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+    def from_dict(cls, values: Mapping) -> Preset:
+        """Build from JSON-like values (lists become tuples); unknown keys and bad values are errors."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a preset must be an object of field values, got {shorten(values)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in values if key not in names]
         if unknown:
-            raise ValueError(f"unknown preset field(s) {unknown}; known fields: {sorted(names)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**fixed)
+            raise ValueError(
+                f"unknown preset field(s) {shorten(', '.join(map(str, unknown)))}; known fields: {', '.join(names)}"
+            )
+        return cls(**values)
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the field when a value cannot work."""
-        if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
-        if not 0.0 <= self.window_overlap < 1.0:
-            raise ValueError(f"window_overlap must be in [0, 1), got {self.window_overlap}")
-        if self.timestep < 0:
-            raise ValueError(f"timestep must be >= 0, got {self.timestep}")
-        if self.attention_mode not in ("exp", "softmax"):
-            raise ValueError(f"attention_mode must be 'exp' or 'softmax', got {self.attention_mode!r}")
-        if not self.attention_factors:
-            raise ValueError("attention_factors is empty: name at least one cross-attention layer factor")
-        if not self.feature_blocks:
-            raise ValueError("feature_blocks is empty: name at least one up block")
-        if self.long_vocabulary not in ("batch", "shared-queries"):
-            raise ValueError(f"long_vocabulary must be 'batch' or 'shared-queries', got {self.long_vocabulary!r}")
-        if self.refine_steps < 0:
-            raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
+        """Raise ``ValueError`` naming the field, the value and the allowed range when a value cannot work."""
+        size = _whole(self, "size", SIZE_STEP, MAX_SIZE, f"a whole number of pixels from {SIZE_STEP} to {MAX_SIZE}")
+        if size % SIZE_STEP:
+            suggestion = max(64, round(size / 64) * 64)
+            raise ValueError(
+                f"size {size} is not a multiple of {SIZE_STEP}: views are cut into the model's blocks (a multiple "
+                f"of 64 for Stable Diffusion); use e.g. {suggestion}"
+            )
+        overlap = self.window_overlap
+        if not (_is_real(overlap) and 0.0 <= overlap < 1.0):
+            _refuse("window_overlap", overlap, "a fraction in [0, 1)")
+        _whole(self, "timestep", 0, NUM_TIMESTEPS - 1, f"a whole number from 0 to {NUM_TIMESTEPS - 1}")
+        _whole(self, "seed", 0, 2**64 - 1, "a whole number from 0 to 2**64 - 1")
+        if not isinstance(self.separator, str) or len(self.separator) > MAX_SEPARATOR_CHARS:
+            _refuse("separator", self.separator, f"text of at most {MAX_SEPARATOR_CHARS} characters")
+        _choice("attention_mode", self.attention_mode, AttentionMode)
+        _factors(self, "attention_factors", 1, size, f"down-sampling factors from 1 to size ({size})")
+        _whole(self, "attention_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
+        _factors(self, "feature_blocks", 0, MAX_UP_BLOCK, f"up-block indices from 0 to {MAX_UP_BLOCK}")
+        _whole(self, "feature_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
+        if not isinstance(self.normalize_prototypes, bool):
+            _refuse("normalize_prototypes", self.normalize_prototypes, "true or false")
+        threshold = self.background_threshold
+        if threshold is not None:
+            if not (_is_real(threshold) and math.isfinite(threshold)):
+                _refuse("background_threshold", threshold, "a finite number or None (off)")
+            low, high = COSINE_RANGE
+            if self.normalize_prototypes and not low <= threshold <= high:
+                _refuse(
+                    "background_threshold",
+                    threshold,
+                    f"in [{low:g}, {high:g}] with normalize_prototypes (cosine scores lie in [{low:g}, {high:g}]; "
+                    "a threshold above 1 makes every pixel background)",
+                )
+        _whole(self, "refine_steps", 0, MAX_REFINE_STEPS, f"a whole number from 0 to {MAX_REFINE_STEPS}")
+        _choice("long_vocabulary", self.long_vocabulary, LongVocabulary)
+
+
+_NUMBERS = {
+    "size": int,
+    "window_overlap": float,
+    "timestep": int,
+    "seed": int,
+    "attention_factor": int,
+    "feature_factor": int,
+    "background_threshold": float,
+    "refine_steps": int,
+}
+
+
+def _refuse(name: str, value: object, rule: str) -> NoReturn:
+    raise ValueError(f"{name} must be {rule}, got {shorten(value)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(preset: Preset, name: str, low: int, high: int, rule: str) -> int:
+    value = getattr(preset, name)
+    if not (_is_int(value) and low <= value <= high):
+        _refuse(name, value, rule)
+    return value
+
+
+def _factors(preset: Preset, name: str, low: int, high: int, rule: str) -> None:
+    """A non-empty tuple of distinct whole numbers in ``[low, high]``."""
+    value = getattr(preset, name)
+    if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_LAYERS:
+        _refuse(name, value, f"a list of 1 to {MAX_LAYERS} {rule}")
+    if not all(_is_int(v) and low <= v <= high for v in value) or len(set(value)) != len(value):
+        _refuse(name, value, f"distinct {rule}")
+
+
+def _choice(name: str, value: object, allowed: object) -> None:
+    choices = get_args(allowed)
+    if value not in choices or not isinstance(value, str):
+        _refuse(name, value, " or ".join(repr(c) for c in choices))
 
 
 PRESETS: dict[str, Preset] = {
@@ -128,7 +230,6 @@ def resolve_preset(preset: str | Preset | None, fallback: Preset) -> Preset:
         return fallback
     if isinstance(preset, Preset):
         return preset
-    try:
-        return PRESETS[preset]
-    except KeyError:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}") from None
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"unknown preset {shorten(preset)}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]

@@ -36,12 +36,17 @@ class VocabularyError(ValueError):
     """A class list that cannot be segmented (empty, blank or duplicate names, too long)."""
 
 
-def shorten(text: object, limit: int = QUOTE_CHARS) -> str:
-    """``repr`` of user text for a message, cut after ``limit`` characters (a 10,000-character name stays readable)."""
-    text = str(text)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}… ({len(text):,} characters)"
+def shorten(value: object, limit: int = QUOTE_CHARS) -> str:
+    """User text (or any value's ``repr``) for a message, cut after ``limit`` characters.
+
+    A 10,000-character class name stays readable: ``'xxxx…'… (10,000 characters)``.
+    """
+    if not isinstance(value, str):
+        shown = repr(value)
+        return shown if len(shown) <= limit else f"{shown[:limit]}… ({len(shown):,} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value):,} characters)"
 
 
 def clip_text(text: str) -> str:
