@@ -52,11 +52,16 @@ def make_cityscapes(root: Path, label_ids) -> Path:
     return root
 
 
-def make_cocostuff(root: Path, fine_ids) -> Path:
+def make_cocostuff(root: Path, fine_ids, curated=("000000000139", "000000000285")) -> Path:
+    """Two val images (139 sorts first) and STEGO's curated list naming ``curated`` (None: no list file)."""
     base = root / "cocostuff"
-    for image_id, values in (("000000000139", fine_ids), ("000000000285", [[0, 255]])):  # 139 sorts first
+    for image_id, values in (("000000000139", fine_ids), ("000000000285", [[0, 255]])):
         write_rgb(base / "images" / "val2017" / f"{image_id}.jpg")
         write_index(base / "annotations" / "val2017" / f"{image_id}.png", values)
+    if curated is not None:
+        listed = base / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt"
+        listed.parent.mkdir(parents=True)
+        listed.write_text("".join(f"{i}\n" for i in curated))
     return root
 
 
@@ -298,11 +303,45 @@ def test_coco_image_list_restricts_the_samples(tmp_path):
 
 
 def test_coco_curated_shorthand_reads_the_stego_list_inside_the_dataset(tmp_path):
+    root = make_cocostuff(tmp_path, [[0]], curated=["000000000139"])
+    dataset = build_dataset("cocostuff27", root, image_list="curated")
+    assert dataset.sample_ids == ["000000000139"] and dataset.image_list == "curated"
+
+
+def test_coco27_scores_the_curated_list_by_default_as_published_numbers_do(tmp_path):
+    root = make_cocostuff(tmp_path, [[0]], curated=["000000000285"])
+    dataset = build_dataset("cocostuff27", root)
+    assert dataset.sample_ids == ["000000000285"] and dataset.image_list == "curated"
+
+
+def test_coco_image_list_all_asks_for_every_image_of_the_split(tmp_path):
+    root = make_cocostuff(tmp_path, [[0]], curated=["000000000285"])
+    dataset = build_dataset("cocostuff27", root, image_list="all")
+    assert dataset.sample_ids == ["000000000139", "000000000285"] and dataset.image_list == "all"
+
+
+def test_coco171_scores_every_val_image_by_default(tmp_path):
+    dataset = build_dataset("cocostuff171", make_cocostuff(tmp_path, [[0]], curated=None))
+    assert dataset.sample_ids == ["000000000139", "000000000285"] and dataset.image_list == "all"
+
+
+def test_coco27_without_the_curated_list_says_where_to_get_it_or_how_to_choose_all(tmp_path):
+    root = make_cocostuff(tmp_path, [[0]], curated=None)
+    with pytest.raises(DatasetError) as error:
+        build_dataset("cocostuff27", root)
+    message = str(error.value)
+    assert "Coco164kFull_Stuff_Coarse_7.txt" in message and "STEGO" in message and "--image-list all" in message
+
+
+def test_coco_custom_image_list_is_recorded_by_its_path(tmp_path):
     root = make_cocostuff(tmp_path, [[0]])
-    curated = root / "cocostuff" / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt"
-    curated.parent.mkdir(parents=True)
-    curated.write_text("000000000139\n")
-    assert build_dataset("cocostuff27", root, image_list="curated").sample_ids == ["000000000139"]
+    (tmp_path / "subset.txt").write_text("000000000285\n")
+    dataset = build_dataset("cocostuff27", root, image_list=tmp_path / "subset.txt")
+    assert dataset.image_list == str((tmp_path / "subset.txt").resolve())
+
+
+def test_data_sets_without_a_list_choice_record_none(tmp_path):
+    assert build_dataset("voc2012", make_voc(tmp_path, [[0]])).image_list is None
 
 
 # --- PASCAL VOC ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ should agree can be compared exactly.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -447,3 +448,30 @@ def test_nearest_resize_keeps_values_and_eval_shape_keeps_the_aspect():
     assert resize_nearest(label, (2, 2)) is label
     assert eval_shape((1024, 2048), 256) == (256, 512)
     assert eval_shape((500, 375), None) == (500, 375)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskdiffusion")
+    return evaluation.add_evaluate_command(parser.add_subparsers())
+
+
+def test_every_evaluate_flag_with_a_default_says_it_in_its_help():
+    shared = argparse.ArgumentParser()
+    cli.add_model_arguments(shared)
+    cli.add_preset_arguments(shared)
+    theirs = {action.dest for action in shared._actions}  # the model and preset flags, owned by cli.py
+    checked = []
+    for action in evaluate_parser()._actions:
+        if action.dest in theirs or action.nargs == 0 or action.required or action.dest == "root":
+            continue  # help, on/off switches, --dataset, and --root, which has no default
+        assert "default" in action.help, action.option_strings
+        if action.default is not None:
+            assert str(action.default) in action.help, action.option_strings
+        checked.append(action.dest)
+    assert {"pool_size", "figures", "image_list", "limit", "out", "eval_size", "num_processes"} <= set(checked)
+
+
+def test_evaluate_help_says_what_a_rerun_into_the_same_out_does():
+    text = " ".join(evaluate_parser().format_help().split())
+    assert "resume an interrupted run" in text and "toyworld keeps no checkpoints: it is recomputed" in text
+    assert "other settings is refused" in text

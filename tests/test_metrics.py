@@ -7,6 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
 from maskdiffusion.metrics import (
@@ -190,6 +194,31 @@ def test_hungarian_matching_maximises_matched_pixels_like_brute_force():
     mapping = hungarian_match(counts)
     best = max(sum(counts[c, k] for k, c in enumerate(p)) for p in itertools.permutations(range(4)))
     assert sum(counts[mapping[k], k] for k in range(4)) == best
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.tuples(st.integers(1, 9), st.integers(1, 9)).flatmap(
+        lambda shape: arrays(np.int64, shape, elements=st.one_of(st.integers(0, 3), st.integers(0, 10**12)))
+    )
+)
+def test_hungarian_matching_is_one_to_one_and_as_good_as_scipy(counts):
+    # small values make many ties, large ones check exact integer arithmetic
+    mapping = hungarian_match(counts)
+    classes, clusters = counts.shape
+    matched = mapping[mapping >= 0]
+    assert mapping.shape == (clusters,) and len(set(matched.tolist())) == len(matched) == min(classes, clusters)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    assert sum(int(counts[mapping[k], k]) for k in range(clusters) if mapping[k] >= 0) == int(counts[rows, cols].sum())
+
+
+def test_hungarian_matching_of_171_classes_is_fast_enough_for_a_progress_bar():
+    import time
+
+    counts = np.random.default_rng(9).integers(0, 10**6, (171, 171))
+    started = time.perf_counter()
+    hungarian_match(counts)
+    assert time.perf_counter() - started < 2.0
 
 
 def test_more_clusters_than_classes_leaves_the_extra_clusters_unmatched():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,8 +19,17 @@ from PIL import Image
 
 from maskdiffusion import MaskDiffusion, cli
 from maskdiffusion.metrics import ConfusionMatrix, scores
-from maskdiffusion.runstate import canonical
-from maskdiffusion.toyworld.gate import attention_labels, dataset_clusters, held_out_scenes
+from maskdiffusion.runstate import canonical, prepare_run_dir
+from maskdiffusion.toyworld import gate as gate_module
+from maskdiffusion.toyworld.gate import (
+    attention_labels,
+    check_targets,
+    dataset_clusters,
+    held_out_scenes,
+    rgb_map,
+    summary,
+    trailing_line,
+)
 from maskdiffusion.toyworld.world import CLASS_NAMES, eval_seed, is_train_seed
 
 HEADLINES = ("mIoU", "attention_only_miou", "reference_miou", "unsupervised_miou", "rgb_kmeans_miou")
@@ -139,11 +149,75 @@ def test_other_data_sets_still_need_root(tmp_path, capsys):
     assert "--root" in capsys.readouterr().err
 
 
-def test_gate_refuses_a_resumable_evaluation_folder(tmp_path, capsys):
+def test_gate_refuses_a_damaged_run_folder(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text("{}")
     assert cli.main(gate(tmp_path / "run")) == 2
     assert "run.json" in capsys.readouterr().err
+
+
+def test_gate_refuses_a_data_set_run_folder_naming_what_differs(tmp_path, capsys):
+    prepare_run_dir(tmp_path / "run", {"dataset": "folder", "limit": None}, world_size=1)
+    assert cli.main(gate(tmp_path / "run")) == 2
+    assert "dataset: folder (in RUN_DIR) vs toyworld (now)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_gate_rerun_with_other_settings_is_refused_and_keeps_the_first_run(first_run, capsys):
+    # it used to overwrite: a --limit 60 rerun into the same --out replaced a --limit 50 run
+    out, _ = first_run
+    before = (out / "metrics.json").read_text()
+    assert cli.main([*gate(out), "--limit", str(LIMIT + 1)]) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and f"limit: {LIMIT} (in RUN_DIR) vs {LIMIT + 1} (now)" in error
+    assert (out / "metrics.json").read_text() == before
+
+
+def test_gate_rerun_with_the_same_settings_recomputes_the_same_numbers_and_says_so(first_run, first, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(first_run[0], out)
+    capsys.readouterr()
+    again = run_gate(out)
+    assert "recomputed" in capsys.readouterr().out and again["runtime"]["recomputed"]
+    assert results_of(again) == results_of(first) and not first["runtime"]["recomputed"]
+
+
+def test_report_and_console_state_each_target_and_whether_it_is_met(first_run, first):
+    out, metrics = first_run
+    assert [t["target"] for t in metrics["targets"]] == [t["target"] for t in check_targets(metrics)]
+    assert [t["target"] for t in metrics["targets"]] == [
+        "mIoU >= 50", "mIoU >= attention_only_miou + 10", "mIoU >= rgb_kmeans_miou"
+    ]  # fmt: skip
+    report = (out / "report.md").read_text()
+    console = summary(metrics, out)
+    assert "## Targets" in report
+    for target in metrics["targets"]:
+        assert target["met"] == (target["value"] >= target["bar"])
+        assert f"| `{target['target']}` |" in report
+        assert f"{target['target']}: {'met' if target['met'] else 'MISSED'}" in console
+    trails = metrics["mIoU"] < metrics["attention_only_miou"]
+    assert ("trails attention only" in report) == trails == ("trails attention only" in console)
+
+
+def test_targets_are_data_driven_and_measured_only_when_their_numbers_exist(monkeypatch):
+    numbers = {"mIoU": 44.0, "attention_only_miou": 41.0, "rgb_kmeans_miou": 20.7}
+    monkeypatch.setattr(
+        gate_module,
+        "TARGETS",
+        (("mIoU", None, 43.0), ("mIoU", "attention_only_miou", 2.0), ("mIoU", "unsupervised_miou", 5.0)),
+    )
+    checked = check_targets(numbers)
+    assert [t["target"] for t in checked] == [
+        "mIoU >= 43", "mIoU >= attention_only_miou + 2", "mIoU >= unsupervised_miou + 5"
+    ]  # fmt: skip
+    assert [t["met"] for t in checked] == [True, True, None]
+    assert checked[1]["bar"] == pytest.approx(43.0)
+
+
+def test_a_head_under_attention_only_is_said_to_trail_it():
+    line = trailing_line({"mIoU": 24.0, "attention_only_miou": 36.2})
+    assert "trails attention only" in line and "12.20 points" in line
+    assert trailing_line({"mIoU": 40.0, "attention_only_miou": 36.2}) is None
 
 
 def test_dataset_clusters_recover_separable_classes_up_to_a_permutation():
@@ -167,7 +241,11 @@ def test_attention_only_labels_are_the_argmax_of_the_upsampled_maps():
     assert (labels[:, :6] == 2).all() and (labels[:, -6:] == 5).all()
 
 
-def test_demo_segments_held_out_scenes_and_prints_their_miou(tmp_path, capsys):
+def printed_percent(text: str, label: str) -> float:
+    return float(re.search(rf"^\s*{label}\s+([0-9.]+)%", text, re.MULTILINE).group(1))
+
+
+def test_demo_prints_its_miou_next_to_the_baselines_of_the_same_scenes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--scenes", "3", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
@@ -175,13 +253,28 @@ def test_demo_segments_held_out_scenes_and_prints_their_miou(tmp_path, capsys):
     assert str(figure) in printed
     with Image.open(figure) as picture:
         assert picture.height >= 3 * 64 * 4 and picture.width >= 3 * 64 * 4  # 3 rows of 3 panels, x4
-    miou = float(re.search(r"mIoU[^:]*: ([0-9.]+)%", printed).group(1))
     toy = MaskDiffusion.from_pretrained("toy", device="cpu")
     scenes = held_out_scenes(3)
-    matrix = ConfusionMatrix(len(CLASS_NAMES))
-    for scene, result in zip(scenes, toy.segment_batch([s.image for s in scenes], list(CLASS_NAMES)), strict=True):
-        matrix.update(result.labels, scene.labels)
-    assert miou == pytest.approx(scores(matrix, CLASS_NAMES)["mIoU"], abs=0.006)
+    results = toy.segment_batch([s.image for s in scenes], list(CLASS_NAMES))
+    expected = {}
+    for name, labelled in (
+        ("MaskDiffusion", [r.labels for r in results]),
+        ("attention only", map(attention_labels, results)),
+    ):
+        matrix = ConfusionMatrix(len(CLASS_NAMES))
+        for scene, labels in zip(scenes, labelled, strict=True):
+            matrix.update(labels, scene.labels)
+        expected[name] = scores(matrix, CLASS_NAMES)["mIoU"]
+    truths = [s.labels for s in scenes]
+    floor, _, _ = dataset_clusters([rgb_map(s) for s in scenes], truths, len(CLASS_NAMES), seed=0, pool_size=10**5)
+    expected["RGB k-means"] = scores(floor, CLASS_NAMES)["mIoU"]
+    for label, value in expected.items():
+        assert printed_percent(printed, label) == pytest.approx(value, abs=0.006), label
+    assert "the floor" in printed and "what the mask head starts from" in printed  # what each number is
+    assert printed_percent(printed, "unsupervised") >= 0.0
+    assert "mIoU >= 50: " in printed and "mIoU >= attention_only_miou + 10: " in printed
+    trails = expected["MaskDiffusion"] < expected["attention only"]
+    assert ("trails attention only" in printed) == trails
 
 
 def test_demo_needs_at_least_one_scene(tmp_path, capsys):

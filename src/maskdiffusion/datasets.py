@@ -73,6 +73,8 @@ class Dataset:
         decode_label: turns a label file into ``(H, W) uint8`` indices (see ``LabelDecoder``).
         background_index: the class that stands for "none of the others" (VOC's
             ``background``), so a pipeline may fill it by score threshold instead of a prompt.
+        image_list: which images of the split were chosen, for data sets that offer a choice
+            (COCO-Stuff: ``"curated"``, ``"all"`` or a list file's path); None otherwise.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Dataset:
     decode_label: LabelDecoder
     background_index: int | None = None
     ignore_index: int = IGNORE_INDEX
+    image_list: str | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -207,6 +210,7 @@ def _finish(
     *,
     labelled: bool = True,
     background_index: int | None = None,
+    image_list: str | None = None,
 ) -> Dataset:
     """Checks common to every layout, then the Dataset (samples sorted by id)."""
     if not files:
@@ -235,6 +239,7 @@ def _finish(
         files=tuple(ordered),
         decode_label=decode,
         background_index=background_index,
+        image_list=image_list,
     )
 
 
@@ -571,10 +576,34 @@ COCOSTUFF_LAYOUT = """\
   │   └── val2017/<id>.jpg         (also train2017/)
   ├── annotations/
   │   └── val2017/<id>.png         (stuffthingmaps: fine ids 0..181, 255 = unlabeled)
-  └── curated/val2017/Coco164kFull_Stuff_Coarse_7.txt   (optional image list)"""
+  └── curated/val2017/Coco164kFull_Stuff_Coarse_7.txt   (cocostuff27's image list)"""
 
 _COCO_SPLITS = {"val": "val2017", "train": "train2017"}
 COCOSTUFF_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
+CURATED_SOURCE = "STEGO's cocostuff download (https://github.com/mhamilton723/STEGO, its curated/ folder)"
+
+
+def _coco_ids(name: str, base: Path, folder: str, image_list: str) -> tuple[list[str], str]:
+    """The image ids an ``image_list`` choice selects, and how the run records that choice."""
+    if image_list == "all":
+        return [p.stem for p in (base / "images" / folder).glob("*.jpg")], "all"
+    if image_list == "curated":
+        list_path = base / "curated" / folder / COCOSTUFF_CURATED_LIST
+        if not list_path.is_file():
+            raise _error(
+                name,
+                f"the curated image list {list_path} is missing. The COCO-Stuff-27 benchmark (STEGO, PiCIE, IIC) "
+                f"scores that list, so it is {name}'s default: get it from {CURATED_SOURCE}, or pass "
+                "--image-list all to score every image of the split (not comparable with published numbers), "
+                "or --image-list FILE for a list of your own",
+                COCOSTUFF_LAYOUT,
+                [list_path.parent],
+            )
+        return _read_id_list(name, list_path, COCOSTUFF_LAYOUT), "curated"
+    list_path = Path(image_list).expanduser()
+    if not list_path.is_file() and (base / list_path).is_file():
+        list_path = base / list_path
+    return _read_id_list(name, list_path, COCOSTUFF_LAYOUT), str(list_path.resolve())
 
 
 def _cocostuff(
@@ -584,10 +613,12 @@ def _cocostuff(
     name: str,
     classes: Sequence[str],
     table: np.ndarray,
+    default_list: str,
     image_list: str | Path | None = None,
 ) -> Dataset:
-    """``image_list``: a file of image ids (one per line), absolute or relative to the data set
-    folder; ``"curated"`` = STEGO's curated list ``curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt``.
+    """``image_list``: ``"curated"`` = STEGO's curated list ``curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt``,
+    ``"all"`` = every image of the split, or a file of image ids (one per line), absolute or
+    relative to the data set folder. None = ``default_list`` (the benchmark's protocol).
     """
     base = _locate(name, root, ("cocostuff",), ("images", "annotations"), COCOSTUFF_LAYOUT)
     _check_split(name, split, tuple(_COCO_SPLITS))
@@ -595,18 +626,10 @@ def _cocostuff(
     image_dir = base / "images" / folder
     if not image_dir.is_dir():
         raise _error(name, f"there is no images/{folder} folder", COCOSTUFF_LAYOUT, [base])
-    if image_list is not None:
-        if str(image_list) == "curated":
-            image_list = Path("curated") / folder / COCOSTUFF_CURATED_LIST
-        list_path = Path(image_list).expanduser()
-        if not list_path.is_file() and (base / list_path).is_file():
-            list_path = base / list_path
-        ids = _read_id_list(name, list_path, COCOSTUFF_LAYOUT)
-    else:
-        ids = [p.stem for p in image_dir.glob("*.jpg")]
+    ids, chosen = _coco_ids(name, base, folder, str(image_list) if image_list is not None else default_list)
     files = [SampleFile(i, image_dir / f"{i}.jpg", base / "annotations" / folder / f"{i}.png") for i in ids]
     decode = partial(_decode_png_with_table, table=table)
-    return _finish(name, split, base, classes, files, decode, COCOSTUFF_LAYOUT)
+    return _finish(name, split, base, classes, files, decode, COCOSTUFF_LAYOUT, image_list=chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,14 +826,17 @@ register_dataset(
     "cityscapes19",
     partial(_cityscapes, name="cityscapes19", classes=CITYSCAPES19_CLASSES, table=_table(CITYSCAPES_TRAIN_IDS)),
 )
+# COCO-Stuff-27 is reported on the curated list (STEGO, PiCIE, IIC), COCO-Stuff-171 on every val image.
 register_dataset(
     "cocostuff27",
-    partial(_cocostuff, name="cocostuff27", classes=COCOSTUFF27_CLASSES, table=_table(COCOSTUFF_FINE_TO_27)),
-)
+    partial(_cocostuff, name="cocostuff27", classes=COCOSTUFF27_CLASSES, table=_table(COCOSTUFF_FINE_TO_27),
+            default_list="curated"),
+)  # fmt: skip
 register_dataset(
     "cocostuff171",
-    partial(_cocostuff, name="cocostuff171", classes=COCOSTUFF171_CLASSES, table=_table(COCOSTUFF_FINE_TO_171)),
-)
+    partial(_cocostuff, name="cocostuff171", classes=COCOSTUFF171_CLASSES, table=_table(COCOSTUFF_FINE_TO_171),
+            default_list="all"),
+)  # fmt: skip
 register_dataset("voc2012", _voc2012)
 register_dataset("potsdam3", _potsdam3)
 register_dataset("potsdam6", _potsdam6)

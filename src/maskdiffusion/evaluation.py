@@ -225,6 +225,7 @@ class Evaluation:
             "dataset": self.dataset.name,
             "split": self.dataset.split,
             "root": str(Path(self.dataset.root).resolve()),
+            "image_list": self.dataset.image_list,
             "classes": list(self.dataset.classes),
             "num_samples": len(self.samples),
             "samples_sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest(),
@@ -672,7 +673,8 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
         "evaluate",
         help="score on a benchmark data set (resumable, multi-process)",
         description="Evaluate on a data set; writes metrics.json, report.md and figures into RUN_DIR. "
-        "Run it again with the same --out to resume.",
+        "Run it again with the same --out to resume an interrupted run (toyworld keeps no checkpoints: it is "
+        "recomputed, same numbers); a RUN_DIR holding a run with other settings is refused, naming them.",
     )
     parser.add_argument(
         "--dataset",
@@ -687,27 +689,47 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="val", help="split (default val)")
     parser.add_argument(
-        "--image-list", help="cocostuff*: file of image ids to use, or 'curated' (STEGO's curated list)"
+        "--image-list",
+        metavar="curated|all|FILE",
+        help="cocostuff*: which images of the split: 'curated' (STEGO's curated list, the COCO-Stuff-27 benchmark "
+        "protocol; default for cocostuff27), 'all' (default for cocostuff171) or a file of image ids",
     )
     parser.add_argument(
-        "--class-names", help="file with one class per line ('a|b' = synonyms) replacing the data set's prompt words"
+        "--class-names",
+        help="file with one class per line ('a|b' = synonyms) replacing the data set's prompt words "
+        "(default: the data set's own words)",
     )
     parser.add_argument(
         "--limit",
         type=_positive,
-        help=f"score only the first N samples (sorted by id); {GATE_DATASET}: N scenes (default {GATE_LIMIT})",
+        help=f"score only the first N samples, sorted by id (default: all); {GATE_DATASET}: N scenes "
+        f"(default {GATE_LIMIT})",
     )
-    parser.add_argument("--out", help="RUN_DIR (default outputs/<timestamp>); an existing run there is resumed")
-    parser.add_argument("--mode", choices=MODES, default="open-vocab", help="default open-vocab")
+    parser.add_argument(
+        "--out",
+        help="RUN_DIR (default outputs/<timestamp>); the same run there is resumed (toyworld: recomputed), "
+        "a run with other settings is refused",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="open-vocab",
+        help="open-vocab: class words as prompts (default); unsupervised: k-means on the UNet features",
+    )
     parser.add_argument("--clusters", type=_positive, help="unsupervised: k-means K (default: number of classes)")
     parser.add_argument(
         "--clustering",
         choices=CLUSTERINGS,
         default="dataset",
-        help="unsupervised protocol: one k-means + matching for the data set (default), or per image (optimistic)",
+        help="unsupervised protocol: dataset = one k-means + one matching for the data set (default), "
+        "per-image = k-means + matching per image (optimistic)",
     )
     parser.add_argument(
-        "--pool-size", type=_positive, default=DEFAULT_POOL_SIZE, help="dataset clustering: pooled feature samples"
+        "--pool-size",
+        type=_positive,
+        default=DEFAULT_POOL_SIZE,
+        help=f"dataset clustering (and toyworld's): feature samples pooled over the data set for k-means "
+        f"(default {DEFAULT_POOL_SIZE})",
     )
     parser.add_argument(
         "--seed",
@@ -723,12 +745,19 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
         metavar="SHORT_SIDE|original",
         help="score with labels resized (nearest) to this short side; default original = label resolution",
     )
-    parser.add_argument("--figures", type=_non_negative, default=4, help="side-by-side figures of the first N images")
     parser.add_argument(
-        "--save-predictions", action="store_true", help="keep every prediction PNG in RUN_DIR/predictions"
+        "--figures", type=_non_negative, default=4, help="side-by-side figures of the first N images (default 4)"
     )
     parser.add_argument(
-        "--num-processes", type=_positive, default=1, help="local worker processes (one GPU each when there are GPUs)"
+        "--save-predictions",
+        action="store_true",
+        help="keep every prediction PNG in RUN_DIR/predictions (default: only the figures' ones)",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=_positive,
+        default=1,
+        help="local worker processes, one GPU each when there are GPUs (default 1)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)

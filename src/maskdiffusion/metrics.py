@@ -10,6 +10,9 @@ Dropping them would inflate the scores and forcing them into some column would i
 false positive for that class. So a prediction outside ``0..K-1`` goes into a separate
 ``unassigned`` count per ground-truth class: it is a miss for pixel accuracy and a false
 negative for its ground-truth class's IoU, and no class's false positive.
+
+Hungarian matching is done here in numpy (exact integer arithmetic), not with scipy: the
+demo and the quality gate need it, and they run with the core dependencies only.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 IGNORE_INDEX = 255
 
@@ -245,6 +247,49 @@ def scores(matrix: ConfusionMatrix | np.ndarray, class_names: Sequence[str]) -> 
     }
 
 
+def _min_cost_assignment(cost: np.ndarray) -> np.ndarray:
+    """Column of each row of an ``(n, m)`` int64 ``cost`` (``n <= m``) minimising the total.
+
+    The shortest-augmenting-path Hungarian algorithm with row/column potentials, O(n^2 m):
+    rows are added one at a time and each is routed to a free column along the path of
+    least reduced cost. Integer costs keep it exact; ties go to the lowest column index.
+    """
+    rows, cols = cost.shape
+    unreachable = np.iinfo(np.int64).max // 4
+    row_potential = np.zeros(rows + 1, dtype=np.int64)
+    col_potential = np.zeros(cols + 1, dtype=np.int64)
+    owner = np.zeros(cols + 1, dtype=np.int64)  # 1-based row holding each column (index 0: the row being added)
+    previous = np.zeros(cols + 1, dtype=np.int64)  # the column before each one on the augmenting path
+    for row in range(1, rows + 1):
+        owner[0] = row
+        column = 0
+        slack = np.full(cols + 1, unreachable, dtype=np.int64)
+        visited = np.zeros(cols + 1, dtype=bool)
+        while owner[column]:  # until the path reaches a free column (owner[0] is the new row)
+            visited[column] = True
+            current = owner[column]
+            reduced = cost[current - 1] - row_potential[current] - col_potential[1:]
+            free = ~visited[1:]
+            better = free & (reduced < slack[1:])
+            slack[1:][better] = reduced[better]
+            previous[1:][better] = column
+            candidates = np.where(free, slack[1:], unreachable)
+            following = int(np.argmin(candidates)) + 1
+            delta = candidates[following - 1]
+            row_potential[owner[visited]] += delta
+            col_potential[visited] -= delta
+            slack[1:][free] -= delta
+            column = following
+        while column:  # flip the path: every column on it passes to the row before
+            before = previous[column]
+            owner[column] = owner[before]
+            column = before
+    assignment = np.full(rows, -1, dtype=np.int64)
+    taken = np.nonzero(owner[1:])[0]
+    assignment[owner[1:][taken] - 1] = taken
+    return assignment
+
+
 def hungarian_match(matrix: ConfusionMatrix | np.ndarray) -> np.ndarray:
     """One-to-one cluster -> class assignment that maximises the matched pixels.
 
@@ -256,10 +301,13 @@ def hungarian_match(matrix: ConfusionMatrix | np.ndarray) -> np.ndarray:
         left over when ``K > C``. With ``K == C`` it is a permutation of ``0..C-1``; with
         ``K < C`` some classes receive no cluster.
     """
-    counts = _as_matrix(matrix).counts
-    rows, cols = linear_sum_assignment(counts, maximize=True)
+    counts = _as_matrix(matrix).counts.astype(np.int64)
     cluster_to_class = np.full(counts.shape[1], -1, dtype=np.int64)
-    cluster_to_class[cols] = rows
+    if counts.shape[0] <= counts.shape[1]:
+        chosen = _min_cost_assignment(-counts)  # the cluster of each class
+        cluster_to_class[chosen] = np.arange(counts.shape[0])
+    else:
+        cluster_to_class[:] = _min_cost_assignment(-counts.T)  # the class of each cluster
     return cluster_to_class
 
 

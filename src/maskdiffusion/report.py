@@ -78,6 +78,7 @@ def build_metrics(
             "dataset": settings["dataset"],
             "split": settings["split"],
             "root": settings["root"],
+            "image_list": settings.get("image_list"),
             "mode": settings["mode"],
             "clustering": settings["clustering"],
             "clusters": settings["clusters"],
@@ -131,7 +132,8 @@ def _percent(value: float | None) -> str:
 
 
 def report_markdown(metrics: dict[str, Any], *, chart: str | None, figures: Sequence[str]) -> str:
-    """report.md: headline numbers, settings, the per-class table, chart, failures, figures."""
+    """report.md: headline numbers, settings, notes and targets (if any), the per-class table, chart,
+    failures, figures."""
     counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64).reshape(len(metrics["class_names"]), -1)
     in_truth = counts.sum(axis=1) + np.asarray(metrics["unassigned_pixels"], dtype=np.int64)
     in_prediction = counts.sum(axis=0)
@@ -148,6 +150,16 @@ def report_markdown(metrics: dict[str, Any], *, chart: str | None, figures: Sequ
         f"- model: `{metrics['model']}`, preset: size {settings['preset']['size']}, "
         f"timestep {settings['preset']['timestep']}, attention {settings['preset']['attention_mode']}",
         f"- scored at: {scored_at}, limit: {metrics['limit'] or 'none'}, maskdiffusion {metrics['version']}",
+    ]
+    if metrics.get("image_list"):
+        lines.append(f"- image list: `{metrics['image_list']}`")
+    lines += [f"- **{note}**" for note in metrics.get("notes", [])]
+    if metrics.get("targets"):
+        lines += ["", "## Targets", "", "| target | value (%) | to reach (%) | met |", "|---|---:|---:|---|"]
+        for target in metrics["targets"]:
+            met = {True: "yes", False: "**no**", None: "not measured"}[target["met"]]
+            lines.append(f"| `{target['target']}` | {_percent(target['value'])} | {_percent(target['bar'])} | {met} |")
+    lines += [
         "",
         "## Per-class IoU",
         "",

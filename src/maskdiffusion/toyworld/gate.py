@@ -12,9 +12,12 @@ as the prompt of every image, five ways of segmenting them:
   evaluation's dataset-level unsupervised protocol);
 * ``rgb_kmeans_miou``: the same on raw RGB pixels: the floor a model has to beat.
 
-Every number comes from one confusion matrix over the scenes, as in every evaluation. The
-scenes are generated in memory and a run takes seconds, so it is not resumable: running it
-again recomputes it, bit for bit for the same settings.
+Every number comes from one confusion matrix over the scenes, as in every evaluation, and
+is reported next to the gate's targets (:data:`TARGETS`). RUN_DIR is bound to the settings
+as for data set runs (``runstate.prepare_run_dir``); a run takes seconds and keeps no
+checkpoints, so the same command again recomputes it (same numbers). ``maskdiffusion demo`` scores a
+few scenes the same way from one pass (no reference preset), so its number comes with its
+baselines too.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..evaluation import DEFAULT_POOL_SIZE, GATE_DATASET, GATE_LIMIT
 from ..metrics import ConfusionMatrix, clusters_to_classes, hungarian_match, relabel, scores
 from ..presets import Preset
 from ..report import build_metrics, write_report
-from ..runstate import RUN_FILE, RunDirError
+from ..runstate import RUN_FILE, prepare_run_dir
 from ..visualize import label_grid
 from .world import CLASS_NAMES, Scene, class_palette, eval_seed, is_train_seed, make_scene
 
@@ -42,11 +45,11 @@ FIGURE_FILE = "figures.png"
 DEMO_FILE = "toyworld.png"
 
 VARIANTS = {
-    "default": "MaskDiffusion with the chosen preset",
-    "attention_only": "argmax of the chosen preset's per-class attention maps (bilinear to the image)",
-    "reference": "MaskDiffusion with the model's reference preset",
-    "unsupervised": "one k-means (K = classes) on UNet features pooled over the scenes, one Hungarian matching",
-    "rgb_kmeans": "one k-means (K = classes) on RGB pixels pooled over the scenes, one Hungarian matching (floor)",
+    "default": "MaskDiffusion with the chosen preset: class prototypes from attention-weighted UNet features",
+    "attention_only": "argmax of the same pass's per-class attention maps (bilinear): what the mask head starts from",
+    "reference": "MaskDiffusion with the model's reference preset (the paper's mask head)",
+    "unsupervised": "one k-means (K = classes) on the same pass's UNet features, one Hungarian matching; no words",
+    "rgb_kmeans": "the floor: one k-means (K = classes) on raw RGB pixels, one Hungarian matching; no model",
 }
 HEADLINES = {
     "default": "mIoU",
@@ -62,6 +65,10 @@ COLUMNS = {
     "unsupervised": "unsupervised",
     "rgb_kmeans": "RGB k-means",
 }
+
+# The gate's targets (issue 5), each (metrics key, metrics key it is compared with or None for a
+# fixed bar, points): mIoU >= 50, mIoU >= attention only + 10, mIoU >= the RGB k-means floor.
+TARGETS = (("mIoU", None, 50.0), ("mIoU", "attention_only_miou", 10.0), ("mIoU", "rgb_kmeans_miou", 0.0))
 
 
 def held_out_scenes(count: int, stream: int = 0) -> list[Scene]:
@@ -136,6 +143,106 @@ def _variant(matrix: ConfusionMatrix, description: str, **extra: Any) -> dict[st
     }
 
 
+def pass_labels(result) -> dict[str, np.ndarray]:
+    """The two labellings one MaskDiffusion pass gives: the mask head's and attention only."""
+    return {"default": result.labels, "attention_only": attention_labels(result)}
+
+
+class Scoreboard:
+    """The variants' confusion matrices over scenes added one by one, then the two clusterings.
+
+    Only the first ``keep`` predictions of each variant are kept (for figures); the UNet
+    feature maps added are kept for the dataset-level clustering.
+    """
+
+    def __init__(self, keep: int = 0):
+        self.keep = keep
+        self.matrices: dict[str, ConfusionMatrix] = {}
+        self.predictions: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
+        self.features: list[torch.Tensor] = []
+        self.extra: dict[str, dict[str, Any]] = {}
+
+    def add(self, scene: Scene, labelled: dict[str, np.ndarray], features: torch.Tensor | None = None) -> None:
+        for name, labels in labelled.items():
+            self.matrices.setdefault(name, ConfusionMatrix(len(CLASS_NAMES))).update(labels, scene.labels)
+            if len(self.predictions[name]) < self.keep:
+                self.predictions[name].append(labels)
+        if features is not None:
+            self.features.append(features)
+
+    def cluster(self, scenes: Sequence[Scene], *, seed: int, pool_size: int) -> None:
+        """Score the dataset-level clusterings: on the features added (if any), and on RGB (the floor)."""
+        truths = [scene.labels for scene in scenes]
+        k = len(CLASS_NAMES)
+        for name, maps in (("unsupervised", self.features), ("rgb_kmeans", [rgb_map(s) for s in scenes])):
+            if not maps:
+                continue
+            matrix, matching, predicted = dataset_clusters(maps, truths, k, seed=seed, pool_size=pool_size)
+            self.matrices[name] = matrix
+            self.predictions[name] = predicted[: self.keep]
+            self.extra[name] = {"clusters": k, "pool_size": pool_size, "cluster_to_class": matching.tolist()}
+
+    def miou(self, name: str) -> float | None:
+        return scores(self.matrices[name], CLASS_NAMES)["mIoU"]
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Each scored variant's numbers, in :data:`VARIANTS` order."""
+        return {
+            name: _variant(self.matrices[name], VARIANTS[name], **self.extra.get(name, {}))
+            for name in VARIANTS
+            if name in self.matrices
+        }
+
+    def headlines(self) -> dict[str, float | None]:
+        """``{metrics key: mIoU}`` of each scored variant (``mIoU``, ``attention_only_miou``, ...)."""
+        return {HEADLINES[name]: self.miou(name) for name in VARIANTS if name in self.matrices}
+
+
+def check_targets(numbers: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Each of :data:`TARGETS` with the numbers it compares and whether it is met (None: not measured)."""
+    checked = []
+    for key, other, points in TARGETS:
+        if other is None:
+            bar, name = points, f"{key} >= {points:g}"
+        else:
+            bar = None if numbers.get(other) is None else numbers[other] + points
+            name = f"{key} >= {other}" + (f" + {points:g}" if points else "")
+        value = numbers.get(key)
+        met = None if value is None or bar is None else value >= bar
+        checked.append({"target": name, "value": value, "bar": bar, "met": met})
+    return checked
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def target_lines(numbers: dict[str, float | None]) -> list[str]:
+    """One plain line per target: met, MISSED or not measured, with the two numbers compared."""
+    lines = []
+    for target in check_targets(numbers):
+        state = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        lines.append(f"{target['target']}: {state} ({_number(target['value'])} vs {_number(target['bar'])})")
+    return lines
+
+
+def trailing_line(numbers: dict[str, float | None]) -> str | None:
+    """A plain sentence when the mask head scores under attention only (else None)."""
+    head, attention = numbers.get("mIoU"), numbers.get("attention_only_miou")
+    if head is None or attention is None or head >= attention:
+        return None
+    return (
+        f"the mask head (mIoU {head:.2f}) trails attention only ({attention:.2f}) by {attention - head:.2f} points: "
+        "its prototypes label the scenes worse than the attention maps they start from"
+    )
+
+
+def verdict_lines(numbers: dict[str, float | None]) -> list[str]:
+    """The targets (met or not) and, when it does, that the mask head trails attention only."""
+    trailing = trailing_line(numbers)
+    return [f"target {line}" for line in target_lines(numbers)] + ([trailing] if trailing else [])
+
+
 def run_gate(
     segmenter,
     *,
@@ -151,7 +258,10 @@ def run_gate(
 
     Arguments:
         segmenter: a :class:`maskdiffusion.MaskDiffusion` (``batch_size`` images per call).
-        out_dir: RUN_DIR; a folder holding a resumable evaluation run is refused.
+        out_dir: RUN_DIR, bound to the gate's settings by ``run.json`` like every evaluation run:
+            a folder holding this gate run is recomputed (the gate keeps no checkpoints; the
+            same settings give the same numbers), one holding another run is refused
+            (:class:`~maskdiffusion.runstate.RunDirError`, naming the settings that differ).
         limit: number of held-out scenes; seed: their stream, and the seed of k-means.
         preset: the headline preset (default: the segmenter's); ``reference`` is the model's own.
         figures: scenes shown in ``figures.png`` (0: none).
@@ -161,8 +271,6 @@ def run_gate(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if (out_dir / RUN_FILE).is_file():
-        raise RunDirError(f"{out_dir} holds a resumable evaluation run ({RUN_FILE}): give the gate another --out")
     if figures < 0 or pool_size < 1:
         raise ValueError(f"figures must be >= 0 and pool_size >= 1, got {figures} and {pool_size}")
     names = list(CLASS_NAMES)
@@ -171,10 +279,10 @@ def run_gate(
         "reference": segmenter.check_inputs(names, "reference")[1],
     }
     scenes = held_out_scenes(limit, seed)
-    truths = [scene.labels for scene in scenes]
-    matrices = {name: ConfusionMatrix(len(names)) for name in ("default", "attention_only", "reference")}
-    predictions: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
-    features = []
+    settings = _settings(segmenter, presets, limit, seed, pool_size, scenes)
+    again = (out_dir / RUN_FILE).is_file()
+    prepare_run_dir(out_dir, settings, world_size=1)  # another run's folder is refused, naming what differs
+    board = Scoreboard(keep=figures)
     step = segmenter.batch_size
     with _progress(len(scenes), progress) as bar:
         for start in range(0, len(scenes), step):
@@ -183,34 +291,27 @@ def run_gate(
             main = segmenter.segment_batch(images, names, preset=presets["default"], keep_features=True)
             reference = segmenter.segment_batch(images, names, preset=presets["reference"])
             for scene, first, second in zip(chunk, main, reference, strict=True):
-                labelled = {"default": first.labels, "attention_only": attention_labels(first)}
-                labelled["reference"] = second.labels
-                for name, labels in labelled.items():
-                    matrices[name].update(labels, scene.labels)
-                    if len(predictions[name]) < figures:
-                        predictions[name].append(labels)
-                features.append(first.features)
+                board.add(scene, {**pass_labels(first), "reference": second.labels}, first.features)
             bar.update(len(chunk))
-            bar.set_postfix_str(f"mIoU {scores(matrices['default'], names)['mIoU']:.2f}")
-    k = len(names)
-    extra = {}
-    for name, maps in (("unsupervised", features), ("rgb_kmeans", [rgb_map(s) for s in scenes])):
-        matrix, matching, predictions[name] = dataset_clusters(maps, truths, k, seed=seed, pool_size=pool_size)
-        matrices[name] = matrix
-        extra[name] = {"clusters": k, "pool_size": pool_size, "cluster_to_class": matching.tolist()}
+            bar.set_postfix_str(f"mIoU {board.miou('default'):.2f}")
+    board.cluster(scenes, seed=seed, pool_size=pool_size)
 
-    variants = {name: _variant(matrices[name], VARIANTS[name], **extra.get(name, {})) for name in VARIANTS}
-    metrics = {HEADLINES[name]: variants[name]["mIoU"] for name in VARIANTS}
+    variants = board.variants()
+    metrics: dict[str, Any] = board.headlines()
     metrics.update(
         build_metrics(
-            matrices["default"],
+            board.matrices["default"],
             names,
             mode="open-vocab",
             clustering=None,
             num_images=len(scenes),
             failed={},
-            settings=_settings(segmenter, presets, limit, seed, pool_size, scenes),
-            runtime={"device": str(segmenter.device), "seconds": round(time.perf_counter() - started, 3)},
+            settings=settings,
+            runtime={
+                "device": str(segmenter.device),
+                "seconds": round(time.perf_counter() - started, 3),
+                "recomputed": again,
+            },
         )
     )
     metrics.update(
@@ -218,11 +319,13 @@ def run_gate(
         presets={name: p.to_dict() for name, p in presets.items()},
         scene_seeds=[scenes[0].seed, scenes[-1].seed],
         variants=variants,
+        targets=check_targets(metrics),
+        notes=[line for line in (trailing_line(metrics),) if line],
     )
     shown = []
     if figures:
         picture = scene_figure(
-            scenes[:figures], {COLUMNS[name]: predictions[name][:figures] for name in VARIANTS}, scale=3
+            scenes[:figures], {COLUMNS[name]: board.predictions[name][:figures] for name in VARIANTS}, scale=3
         )
         files.write_image(out_dir / FIGURE_FILE, picture)
         shown.append(FIGURE_FILE)
@@ -259,7 +362,7 @@ def _settings(segmenter, presets: dict[str, Preset], limit: int, seed: int, pool
 
 
 def summary(metrics: dict[str, Any], out_dir: Path) -> str:
-    """One line per headline number, for the command line."""
+    """The headline numbers, the targets and what they say, for the command line."""
 
     def show(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}%"
@@ -268,23 +371,52 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
         f"toyworld gate: {metrics['num_images']} held-out scenes (stream {metrics['seed']}), "
         f"model {metrics['model']}, {metrics['runtime']['seconds']:.1f} s"
     ]
+    if metrics["runtime"].get("recomputed"):
+        lines.append(f"  {out_dir} held this gate run (same settings): recomputed, as the gate keeps no checkpoints")
     lines += [f"  {key:<20} {show(metrics[key])}" for key in HEADLINES.values()]
+    lines += [f"  {line}" for line in verdict_lines(metrics)]
     lines.append(f"  -> {out_dir / 'metrics.json'}")
     return "\n".join(lines)
 
 
-def run_demo(segmenter, *, out_dir: str | Path, count: int = 8, stream: int = 0) -> tuple[float | None, Path]:
+def run_demo(
+    segmenter, *, out_dir: str | Path, count: int = 8, stream: int = 0
+) -> tuple[dict[str, float | None], Path]:
     """Segment ``count`` held-out scenes with the whole vocabulary; write the figure.
 
     Returns:
-        The mIoU (%) over those scenes and the path of ``toyworld.png``
-        (image | ground truth | prediction per scene, class legend).
+        The mIoU (%) over those scenes of the mask head and of the baselines the same pass
+        gives (``mIoU``, ``attention_only_miou``, ``unsupervised_miou``, ``rgb_kmeans_miou``;
+        see :data:`HEADLINES`), and the path of ``toyworld.png`` (image | ground truth |
+        prediction per scene, class legend).
     """
     scenes = held_out_scenes(count, stream)
-    results = segmenter.segment_batch([s.image for s in scenes], list(CLASS_NAMES))
-    matrix = ConfusionMatrix(len(CLASS_NAMES))
+    results = segmenter.segment_batch([s.image for s in scenes], list(CLASS_NAMES), keep_features=True)
+    board = Scoreboard(keep=count)
     for scene, result in zip(scenes, results, strict=True):
-        matrix.update(result.labels, scene.labels)
-    figure = scene_figure(scenes, {"prediction": [r.labels for r in results]})
+        board.add(scene, pass_labels(result), result.features)
+    board.cluster(scenes, seed=stream, pool_size=DEFAULT_POOL_SIZE)
+    figure = scene_figure(scenes, {"prediction": board.predictions["default"]})
     path = files.write_image(Path(out_dir) / DEMO_FILE, figure)
-    return scores(matrix, CLASS_NAMES)["mIoU"], path
+    return board.headlines(), path
+
+
+def demo_summary(numbers: dict[str, float | None]) -> list[str]:
+    """The demo's numbers, each with what it is, and the gate's targets checked on them."""
+
+    def show(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}%"
+
+    lines = ["mIoU over these scenes (each from one confusion matrix over them; same pass, same scenes):"]
+    for name in VARIANTS:
+        if HEADLINES[name] in numbers:
+            lines.append(f"  {COLUMNS[name]:<15} {show(numbers[HEADLINES[name]]):>7}  {VARIANTS[name]}")
+    trailing = trailing_line(numbers)
+    if trailing:
+        lines.append(trailing)
+    lines.append(
+        "the quality gate's targets, checked on these scenes (the gate scores "
+        f"{GATE_LIMIT}: maskdiffusion evaluate --dataset {GATE_DATASET} --model toy):"
+    )
+    lines += [f"  {line}" for line in target_lines(numbers)]
+    return lines
