@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .presets import PRESETS, Preset
+from .prompts import shorten
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -30,7 +31,8 @@ HUB_FILES = [
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
 ]
-SETTINGS_FILE = "maskdiffusion.json"  # optional per-model preset overrides
+SETTINGS_FILE = "maskdiffusion.json"  # optional: preset overrides and the model card
+MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few hundred bytes; refuse anything past 1 MiB
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -88,9 +90,13 @@ def resolve_model_folder(model: str, *, local_files_only: bool | None = None) ->
     if alias is not None:
         return alias
     path = Path(model).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as error:  # a name too long for a path, a NUL byte
+        raise ModelNotFoundError(f"model {shorten(model)} is neither a folder nor a hub id ({error})") from None
+    if exists:
         if not path.is_dir():
-            raise ModelNotFoundError(f"model {model!r} is a file; pass a diffusers model folder or a hub id")
+            raise ModelNotFoundError(f"model {shorten(model)} is a file; pass a diffusers model folder or a hub id")
         missing = _missing_parts(path)
         if missing:
             raise ModelNotFoundError(
@@ -99,7 +105,9 @@ def resolve_model_folder(model: str, *, local_files_only: bool | None = None) ->
             )
         return path
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ModelNotFoundError(f"model folder {model!r} does not exist (and it is not a hub id like 'org/name')")
+        raise ModelNotFoundError(
+            f"model folder {shorten(model)} does not exist (and it is not a hub id like 'org/name')"
+        )
 
     from huggingface_hub import constants, snapshot_download
 
@@ -112,20 +120,77 @@ def resolve_model_folder(model: str, *, local_files_only: bool | None = None) ->
         pass
     if offline:
         raise ModelNotFoundError(
-            f"model {model!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+            f"model {shorten(model)} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
             f"is offline (HF_HUB_OFFLINE=1 or local_files_only).\n{_how_to_get(model)}"
         )
-    try:
-        folder = Path(snapshot_download(model, allow_patterns=HUB_FILES))
-    except Exception as error:
-        raise ModelNotFoundError(
-            f"could not download model {model!r} from the Hugging Face hub ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no details'}).\n{_how_to_get(model)}"
-        ) from None
+    folder = download_model(model)
     missing = _missing_parts(folder)
     if missing:
-        raise ModelNotFoundError(f"hub model {model!r} lacks {missing}: is it a Stable Diffusion 1.x/2.x model?")
+        raise ModelNotFoundError(f"hub model {shorten(model)} lacks {missing}: is it a Stable Diffusion 1.x/2.x model?")
     return folder
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """A network wait that ran out (requests', httpx's and the socket module's timeout errors alike)."""
+    return isinstance(error, TimeoutError) or any("Timeout" in kind.__name__ for kind in type(error).__mro__)
+
+
+def download_model(model: str) -> Path:
+    """Download the files MaskDiffusion reads (:data:`HUB_FILES`) of hub model ``model``; every wait is bounded.
+
+    The file list comes from one ``model_info`` call with a timeout of ``HF_HUB_ETAG_TIMEOUT``
+    seconds (``snapshot_download`` would wait on it forever); each file is then fetched at
+    that exact revision, huggingface_hub bounding its waits by ``HF_HUB_ETAG_TIMEOUT`` and
+    ``HF_HUB_DOWNLOAD_TIMEOUT``. A hub that does not answer ends in a
+    :class:`ModelNotFoundError` that says so and how to work offline.
+    """
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
+    step = "looking up"
+    try:
+        info = HfApi().model_info(model, timeout=timeout)
+        wanted = [s.rfilename for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in HUB_FILES)]
+        if not wanted:
+            raise ModelNotFoundError(
+                f"hub model {shorten(model)} has none of the files MaskDiffusion reads ({', '.join(HUB_FILES)}): "
+                "is it a diffusers Stable Diffusion 1.x/2.x model with .safetensors weights?"
+            )
+        step = "downloading"
+        for name in wanted:
+            path = Path(hf_hub_download(model, name, revision=info.sha, etag_timeout=timeout))
+    except ModelNotFoundError:
+        raise
+    except Exception as error:
+        if _is_timeout(error):
+            waited = timeout if step == "looking up" else max(timeout, constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            raise ModelNotFoundError(
+                f"the Hugging Face hub ({constants.ENDPOINT}) did not answer within {waited:g} s while {step} "
+                f"model {shorten(model)}. Check the network or wait longer (HF_HUB_ETAG_TIMEOUT, "
+                f"HF_HUB_DOWNLOAD_TIMEOUT in seconds), or work offline.\n{_how_to_get(model)}"
+            ) from None
+        raise ModelNotFoundError(
+            f"could not download model {shorten(model)} from the Hugging Face hub ({_first_line(error)}).\n"
+            f"{_how_to_get(model)}"
+        ) from None
+    return path.parents[name.count("/")]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model folder says about itself in ``maskdiffusion.json``, so results can say it too.
+
+    Attributes:
+        random_weights: the weights are random (``tiny-random``): outputs exercise the
+            code and mean nothing.
+        vocabulary: the words the model was trained on (the bundled toy model's world);
+            ``None`` = an open vocabulary (Stable Diffusion).
+    """
+
+    random_weights: bool = False
+    vocabulary: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -139,57 +204,204 @@ class Components:
     alphas_cumprod: torch.Tensor
     presets: dict[str, Preset]
     folder: Path
+    card: ModelCard = ModelCard()
 
 
-def model_presets(folder: Path) -> dict[str, Preset]:
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def read_settings(folder: Path) -> dict:
+    """The folder's ``maskdiffusion.json`` as a dict (``{}`` when absent); every error names the file.
+
+    Top-level keys read here: ``"presets"`` (see :func:`model_presets`), ``"random_weights"``
+    and ``"vocabulary"`` (see :func:`model_card`); others are notes and ignored.
+    """
+    path = Path(folder) / SETTINGS_FILE
+    if not path.exists():
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SETTINGS_BYTES + 1)
+    except OSError as error:
+        raise ValueError(f"cannot read the model settings file {str(path)!r}: {error.strerror or error}") from None
+    if len(data) > MAX_SETTINGS_BYTES:
+        raise ValueError(f"model settings file {str(path)!r} is larger than 1 MiB: it is not a settings file")
+    try:
+        settings = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ValueError(f"model settings file {str(path)!r} is not UTF-8 text: fix or remove it") from None
+    except RecursionError:
+        raise ValueError(
+            f"model settings file {str(path)!r} nests too deeply to be settings: fix or remove it"
+        ) from None
+    except ValueError as error:  # JSONDecodeError, or a number too long to convert
+        where = f" at line {error.lineno}, column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+        raise ValueError(
+            f"model settings file {str(path)!r} is not valid JSON ({reason}{where}): fix or remove it"
+        ) from None
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f'model settings file {str(path)!r} must hold a JSON object like {{"presets": {{...}}}}, '
+            f"not {_json_kind(settings)}"
+        )
+    return settings
+
+
+def model_presets(folder: Path, settings: dict | None = None) -> dict[str, Preset]:
     """Named presets for this model: the global ones with the folder's overrides applied.
 
     ``maskdiffusion.json`` may hold ``{"presets": {"default": {...}, "reference": {...}}}``
-    with field overrides for models whose shapes differ from Stable Diffusion's.
+    with field overrides for models whose shapes differ from Stable Diffusion's; every
+    value is checked (:meth:`Preset.check`) and errors name the file and the preset.
     """
-    settings_file = folder / SETTINGS_FILE
-    overrides = json.loads(settings_file.read_text()).get("presets", {}) if settings_file.exists() else {}
+    settings = read_settings(folder) if settings is None else settings
+    where = f"model settings file {str(Path(folder) / SETTINGS_FILE)!r}"
+    overrides = settings.get("presets", {})
+    if not isinstance(overrides, dict):
+        raise ValueError(
+            f'{where}: "presets" must be an object mapping preset names to field values, not {_json_kind(overrides)}'
+        )
     presets = dict(PRESETS)
     for name, changes in overrides.items():
+        if not isinstance(changes, dict):
+            raise ValueError(
+                f"{where}: preset {shorten(name)} must be an object of field values, not {_json_kind(changes)}"
+            )
         base = presets.get(name, PRESETS["default"]).to_dict()
-        presets[name] = Preset.from_dict({**base, **changes})
+        try:
+            presets[name] = Preset.from_dict({**base, **changes})
+        except ValueError as error:
+            raise ValueError(f"{where}: preset {shorten(name)}: {error}") from None
     return presets
 
 
+def model_card(folder: Path, settings: dict | None = None) -> ModelCard:
+    """The folder's :class:`ModelCard` from the top-level ``"random_weights"`` and ``"vocabulary"`` keys."""
+    settings = read_settings(folder) if settings is None else settings
+    where = f"model settings file {str(Path(folder) / SETTINGS_FILE)!r}"
+    random_weights = settings.get("random_weights", False)
+    if not isinstance(random_weights, bool):
+        raise ValueError(f'{where}: "random_weights" must be true or false, got {shorten(random_weights)}')
+    vocabulary = settings.get("vocabulary")
+    if vocabulary is not None:
+        if not isinstance(vocabulary, list) or not all(isinstance(w, str) and w.strip() for w in vocabulary):
+            raise ValueError(
+                f'{where}: "vocabulary" must be a list of non-empty words (or absent: an open vocabulary), '
+                f"got {shorten(vocabulary)}"
+            )
+        vocabulary = tuple(vocabulary)
+    return ModelCard(random_weights=random_weights, vocabulary=vocabulary)
+
+
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+    return f"{type(error).__name__}: {text if len(text) <= limit else text[:limit] + '…'}"
+
+
+def check_weights(folder: Path) -> None:
+    """Safetensors only: refuse pickle checkpoints (loading one can run code) and name damaged files.
+
+    Every weights file's header is read (not its data), so a truncated or corrupt file is
+    reported by name before any model is built.
+    """
+    from safetensors import safe_open
+
+    missing = _missing_parts(folder)
+    if missing:
+        raise ModelNotFoundError(
+            f"model folder {str(folder)!r} is not a diffusers Stable Diffusion folder: missing {missing}"
+        )
+    for part in WEIGHT_PARTS:
+        files = sorted((folder / part).glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in (folder / part).iterdir() if p.suffix in PICKLE_SUFFIXES)
+            get = f"download the .safetensors files (hf download HUB_ID --include '{part}/*.safetensors')"
+            if not pickles:
+                raise ModelNotFoundError(f"model folder {str(folder)!r} has no weights file in {part}/: {get}")
+            raise ModelNotFoundError(
+                f"model folder {str(folder)!r} has only {part}/{pickles[0]}, a pickle checkpoint: safetensors only "
+                f"(loading a pickle can run code). Either {get}, or convert the checkpoint once on a machine you "
+                f"trust: safetensors.torch.save_file(torch.load(FILE, weights_only=True), "
+                f"'{part}/{_safetensors_name(part)}')"
+            )
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except Exception as error:  # SafetensorError, OSError: the header does not describe the file
+                raise ModelNotFoundError(
+                    f"weights file {str(file)!r} is damaged or incomplete ({_first_line(error)}): download it again"
+                ) from None
+
+
+def _safetensors_name(part: str) -> str:
+    return "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+
+
+def _load_part(folder: Path, part: str, load):
+    """``load()`` with any failure turned into a :class:`ModelNotFoundError` naming the part."""
+    try:
+        return load()
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise ModelNotFoundError(
+            f"could not load {part} from {str(folder / part)!r} ({_first_line(error)}): is the folder complete and "
+            "saved by diffusers (Stable Diffusion 1.x/2.x layout)?"
+        ) from error
+
+
 def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load VAE, UNet, text encoder, tokenizer and noise schedule from a local folder."""
+    """Load VAE, UNet, text encoder, tokenizer and noise schedule from a local folder.
+
+    The settings file is checked first, then the weights files (:func:`check_weights`);
+    every failure names the file or part.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as hf_logging
 
+    settings = read_settings(folder)
+    presets, card = model_presets(folder, settings), model_card(folder, settings)
+    check_weights(folder)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    loaders = {
+        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=True),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(
+            folder / "text_encoder", dtype=dtype, use_safetensors=True
+        ),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+    }
     try:
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        parts = {part: _load_part(folder, part, load) for part, load in loaders.items()}
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     scheduler_dir = folder / "scheduler"
     if (scheduler_dir / "scheduler_config.json").exists():
-        schedule = DDPMScheduler.from_pretrained(scheduler_dir)
+        schedule = _load_part(folder, "scheduler", lambda: DDPMScheduler.from_pretrained(scheduler_dir))
     else:
         from .tiny import SD_NOISE_SCHEDULE
 
         schedule = DDPMScheduler(**{k: v for k, v in SD_NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
-    for module in (vae, unet, text_encoder):
-        module.to(device).eval().requires_grad_(False)
+    for part in WEIGHT_PARTS:
+        parts[part].to(device).eval().requires_grad_(False)
     return Components(
-        vae=vae,
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        **parts,
         alphas_cumprod=schedule.alphas_cumprod.to(torch.float32),
-        presets=model_presets(folder),
+        presets=presets,
         folder=folder,
+        card=card,
     )
 
 

@@ -4,7 +4,8 @@ Same topology as SD 1.x (factor-8 VAE, four UNet levels with cross-attention on 
 first three and the mid block, CLIP text encoder, the real CLIP tokenizer), with a few
 channels per layer, saved in the diffusers folder layout so it loads through exactly
 the path real checkpoints take. Its weights are random: it exercises the code, not
-segmentation quality.
+segmentation quality, and its ``maskdiffusion.json`` says so (``"random_weights": true``)
+so results can warn about it.
 """
 
 from __future__ import annotations
@@ -98,12 +99,21 @@ def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0) -> Path:
     tokenizer.save_pretrained(staging / "tokenizer")
     DDIMScheduler(**SD_NOISE_SCHEDULE).save_pretrained(staging / "scheduler")
     save_model_index(staging)
+    mark_random_weights(staging)
     if folder.exists():
         import shutil
 
         shutil.rmtree(folder)
     staging.rename(folder)
     return folder
+
+
+def mark_random_weights(folder: Path) -> None:
+    """Set ``"random_weights": true`` in the folder's ``maskdiffusion.json`` (created if absent; other keys kept)."""
+    from .files import write_json
+    from .loading import SETTINGS_FILE, read_settings
+
+    write_json(folder / SETTINGS_FILE, {**read_settings(folder), "random_weights": True})
 
 
 def cache_dir() -> Path:
@@ -115,8 +125,20 @@ def cache_dir() -> Path:
 
 
 def tiny_model_path() -> Path:
-    """The tiny random model in the cache, built on first use."""
+    """The tiny random model in the cache, built on first use.
+
+    A cache built before models carried a card gets ``"random_weights": true`` added; one
+    whose settings file cannot be read is built again.
+    """
+    from .loading import model_card
+
     folder = cache_dir() / "tiny-random-sd"
     if not (folder / "model_index.json").exists():
-        build_tiny_model(folder)
+        return build_tiny_model(folder)
+    try:
+        marked = model_card(folder).random_weights
+    except ValueError:
+        return build_tiny_model(folder)
+    if not marked:
+        mark_random_weights(folder)
     return folder
