@@ -405,7 +405,7 @@ def test_background_threshold_fills_the_background_class_instead_of_prompting_it
         return original(images, classes, **options)
 
     segmenter.segment_batch = spy
-    preset = segmenter.presets["default"].replace(size=64, background_threshold=1e9)  # nothing passes
+    preset = segmenter.presets["default"].replace(size=64, background_threshold=1.0)  # cosines: nothing passes
     metrics = evaluate(dataset, segmenter, out_dir=tmp_path / "run", preset=preset, limit=2, progress=False)
     assert all(classes == ["sky|heaven", "car"] for classes in prompted)
     counts = np.asarray(metrics["confusion_matrix"])

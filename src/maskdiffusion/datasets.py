@@ -18,7 +18,9 @@ Other modules add data sets with :func:`register_dataset` (e.g. the bundled mode
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = 255
+MAX_LABEL_PIXELS = 40_000_000
+"""Label images above this size are refused from their header (the default image limit, views.InputLimits)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
@@ -252,13 +256,35 @@ def _read_id_list(name: str, path: Path, layout: str) -> list[str]:
     return list(dict.fromkeys(Path(line.strip()).stem for line in lines if line.strip()))
 
 
+@contextmanager
+def open_label_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` for a label file, refusing one over :data:`MAX_LABEL_PIXELS` from its header
+    (so a small file that decodes to gigabytes, a "decompression bomb", is never decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(
+            f"label {path} is refused: it decodes to far more pixels than a label may have ({error})"
+        ) from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_LABEL_PIXELS:
+            raise DatasetError(
+                f"label {path} is {width}x{height} pixels, over the limit of {MAX_LABEL_PIXELS / 1e6:g} megapixels "
+                "(images above it are refused too): downscale the image and its label, or leave the pair out"
+            )
+        yield image
+
+
 def read_index_png(path: Path) -> np.ndarray:
     """A single-channel label image as ``(H, W)`` integer values (palette PNGs: the indices).
 
     Refuses colour images, which usually means the colour visualisation was given instead of
     the index file (e.g. Cityscapes ``*_color.png``).
     """
-    with Image.open(path) as image:
+    with open_label_image(path) as image:
         if image.mode not in ("L", "P", "I", "I;16", "1"):
             raise DatasetError(
                 f"label {path} is a {image.mode} image; expected a single-channel index image "
@@ -738,7 +764,7 @@ def _decode_mat(path: Path, key: str, table: np.ndarray) -> np.ndarray:
 
 
 def _decode_isprs_colours(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
+    with open_label_image(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     bits = (rgb >= 128).astype(np.int64)
     return _POTSDAM_CODE_TABLE[bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]]

@@ -68,6 +68,10 @@ CLUSTERINGS = ("dataset", "per-image")
 DEFAULT_POOL_SIZE = 100_000
 KILL_ENV = "MASKDIFFUSION_EVAL_KILL_AFTER"
 """Fault injection for tests: SIGKILL this process after it has handled that many images."""
+MAX_ASPECT_DIFFERENCE = 0.10
+"""A label whose aspect ratio differs more than this from its image's is not scored: the sample fails."""
+SIZE_WARNINGS = 3
+"""Labels of another size than their image that are named on the console (per process); all are counted."""
 
 
 # -- inputs --------------------------------------------------------------------------
@@ -115,6 +119,26 @@ def resize_nearest(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows = np.minimum(((np.arange(shape[0]) + 0.5) * array.shape[0] / shape[0]).astype(np.int64), array.shape[0] - 1)
     cols = np.minimum(((np.arange(shape[1]) + 0.5) * array.shape[1] / shape[1]).astype(np.int64), array.shape[1] - 1)
     return array[rows[:, None], cols[None, :]]
+
+
+def label_size_problem(image_shape: tuple[int, int], label_shape: tuple[int, int], label: Path) -> str | None:
+    """Why a label cannot be scored against a prediction made at its image's size, or None.
+
+    The protocol: a prediction is made at the image's size and resized (nearest) to the
+    label's. That is only meaningful when both have the same aspect ratio (up to
+    :data:`MAX_ASPECT_DIFFERENCE`): otherwise the label belongs to another picture, or one
+    of the two is rotated (an EXIF orientation tag, say).
+    """
+    (image_h, image_w), (label_h, label_w) = image_shape, label_shape
+    difference = abs(math.log((image_w / image_h) / (label_w / label_h)))
+    if difference <= math.log1p(MAX_ASPECT_DIFFERENCE):
+        return None
+    return (
+        f"label {label} is {label_w}x{label_h} pixels but its image is {image_w}x{image_h}: their aspect ratios "
+        f"differ by {math.expm1(difference):.0%} (more than {MAX_ASPECT_DIFFERENCE:.0%}), so the label does not fit "
+        "the image (another picture's label, or one of them rotated, e.g. by an EXIF orientation tag); fix the "
+        "pair or leave it out"
+    )
 
 
 def parse_eval_size(text: str) -> int | None:
@@ -269,8 +293,10 @@ class Evaluation:
             for item, result in zip(runnable, results, strict=True):
                 if isinstance(result, ImageLoadError):
                     item.error = str(result)
-                else:
-                    item.result = result
+                    continue
+                label_path = self.samples[item.index].label_path
+                item.error = label_size_problem(result.labels.shape, item.label.shape, label_path)
+                item.result = None if item.error else result
         return items
 
     def _scoring_pair(self, item: _Item, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +324,22 @@ class Evaluation:
 
             tqdm.write(f"warning: sample {item.id!r} skipped: {item.error}", file=sys.stderr)
         state.failed[item.id] = item.error
+
+    def _note_resized(self, state: ShardState, item: _Item) -> None:
+        """Record a label of another size (same aspect) than its image; name the first few."""
+        image, label = self._image_size(item), item.label.shape
+        if item.id not in state.resized and len(state.resized) < SIZE_WARNINGS:
+            from tqdm.auto import tqdm
+
+            more = " (further ones are only counted: resized_labels in metrics.json)" * (
+                len(state.resized) == SIZE_WARNINGS - 1
+            )
+            tqdm.write(
+                f"warning: sample {item.id!r}: its label is {label[1]}x{label[0]} pixels, its image "
+                f"{image[1]}x{image[0]}; the prediction is resized (nearest) to the label's size to be scored{more}",
+                file=sys.stderr,
+            )
+        state.resized[item.id] = [*image, *label]
 
     def _count(self, items: Sequence[_Item]) -> None:
         """Count the images handled by this process; with ``KILL_ENV`` set, die like a killed run."""
@@ -441,6 +483,8 @@ class Evaluation:
     def _score(self, item: _Item, state: ShardState, centroids: torch.Tensor | None) -> None:
         """One image's prediction into the shard's counts (and onto disk if kept)."""
         size = self._image_size(item)
+        if size != item.label.shape:
+            self._note_resized(state, item)
         if self.mode == "open-vocab":
             prediction, truth = self._scoring_pair(item, self._class_prediction(item))
             state.matrix.update(prediction, truth)
@@ -503,6 +547,9 @@ class Evaluation:
         failed: dict[str, str] = {}
         for part in self.comm.all_gather(state.failed):
             failed.update(part)
+        resized: dict[str, list[int]] = {}
+        for part in self.comm.all_gather(state.resized):
+            resized.update(part)
         done = sum(self.comm.all_gather(len(state.done)))
         if done != len(self.samples):
             raise RuntimeError(
@@ -522,6 +569,7 @@ class Evaluation:
             clustering=self.clustering,
             num_images=len(self.samples) - len(failed),
             failed=failed,
+            resized=resized,
             settings=settings,
             cluster_matrix=total if matching is not None else None,
             cluster_to_class=matching,
@@ -851,6 +899,9 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
         return "n/a" if value is None else f"{value:.2f}%"
 
     failed = f", {metrics['num_failed']} failed" if metrics["num_failed"] else ""
+    resized = metrics["num_resized_labels"]
+    if resized:
+        failed += f", {resized} scored on a label of another size than the image (prediction resized to it)"
     return (
         f"{metrics['dataset']} ({metrics['protocol']}): mIoU {show(metrics['mIoU'])}, pixel accuracy "
         f"{show(metrics['pixel_accuracy'])} over {metrics['num_images']} image(s){failed} -> {out / 'metrics.json'}"

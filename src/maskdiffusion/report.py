@@ -48,6 +48,7 @@ def build_metrics(
     num_images: int,
     failed: dict[str, str],
     settings: dict[str, Any],
+    resized: dict[str, list[int]] | None = None,
     cluster_matrix: ConfusionMatrix | None = None,
     cluster_to_class: np.ndarray | None = None,
     runtime: dict[str, Any] | None = None,
@@ -64,6 +65,11 @@ def build_metrics(
         "num_images": num_images,
         "num_failed": len(failed),
         "failed": [{"id": key, "reason": failed[key]} for key in sorted(failed)],
+        "num_resized_labels": len(resized or {}),
+        "resized_labels": [
+            {"id": key, "image_size": sizes[:2], "label_size": sizes[2:]}
+            for key, sizes in sorted((resized or {}).items())
+        ],
         "class_names": list(names),
         "confusion_matrix": matrix.counts.tolist(),
         "unassigned_pixels": matrix.unassigned.tolist(),
@@ -153,6 +159,11 @@ def report_markdown(metrics: dict[str, Any], *, chart: str | None, figures: Sequ
     ]
     if metrics.get("image_list"):
         lines.append(f"- image list: `{metrics['image_list']}`")
+    if metrics.get("num_resized_labels"):
+        lines.append(
+            f"- **{metrics['num_resized_labels']} image(s) scored on a label of another size** (same aspect ratio): "
+            "their predictions were resized (nearest) to the label's size; listed in metrics.json `resized_labels`"
+        )
     lines += [f"- **{note}**" for note in metrics.get("notes", [])]
     if metrics.get("targets"):
         lines += ["", "## Targets", "", "| target | value (%) | to reach (%) | met |", "|---|---:|---:|---|"]

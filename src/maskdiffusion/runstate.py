@@ -114,7 +114,9 @@ class ShardState:
         matrix: counts so far: ``(C, C)`` classes, or ``(C, K)`` clusters for dataset-level
             clustering (matched to classes only at the end).
         done: ids scored (or failed) in the scoring pass.
-        failed: id -> reason, for images or labels that could not be read.
+        failed: id -> reason, for images or labels that could not be read (or do not fit).
+        resized: id -> ``[image h, w, label h, w]`` for samples scored on a label of another
+            size than the image (the prediction resized to the label).
         pooled: ids whose feature samples are stored (dataset-level clustering, pass 1).
         pool_chunks: names of the pool files (under ``pool/``) holding those samples.
     """
@@ -122,6 +124,7 @@ class ShardState:
     matrix: ConfusionMatrix
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    resized: dict[str, list[int]] = field(default_factory=dict)
     pooled: list[str] = field(default_factory=list)
     pool_chunks: list[str] = field(default_factory=list)
 
@@ -130,6 +133,7 @@ class ShardState:
             "matrix": self.matrix.to_dict(),
             "done": self.done,
             "failed": self.failed,
+            "resized": self.resized,
             "pooled": self.pooled,
             "pool_chunks": self.pool_chunks,
         }
@@ -149,6 +153,7 @@ class ShardState:
                 matrix=matrix,
                 done=list(data["done"]),
                 failed=dict(data["failed"]),
+                resized=dict(data["resized"]),
                 pooled=list(data["pooled"]),
                 pool_chunks=list(data["pool_chunks"]),
             )
