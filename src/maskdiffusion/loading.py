@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .presets import PRESETS, Preset
-from .prompts import shorten
+from .prompts import read_small_text, shorten
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -221,21 +221,13 @@ def read_settings(folder: Path) -> dict:
     path = Path(folder) / SETTINGS_FILE
     if not path.exists():
         return {}
+    text = read_small_text(
+        path, what="model settings file", limit=MAX_SETTINGS_BYTES, hint="fix or remove it", error=ValueError
+    )
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_SETTINGS_BYTES + 1)
-    except OSError as error:
-        raise ValueError(f"cannot read the model settings file {str(path)!r}: {error.strerror or error}") from None
-    if len(data) > MAX_SETTINGS_BYTES:
-        raise ValueError(f"model settings file {str(path)!r} is larger than 1 MiB: it is not a settings file")
-    try:
-        settings = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise ValueError(f"model settings file {str(path)!r} is not UTF-8 text: fix or remove it") from None
+        settings = json.loads(text)
     except RecursionError:
-        raise ValueError(
-            f"model settings file {str(path)!r} nests too deeply to be settings: fix or remove it"
-        ) from None
+        raise ValueError(f"model settings file {str(path)!r} nests too deeply: fix or remove it") from None
     except ValueError as error:  # JSONDecodeError, or a number too long to convert
         where = f" at line {error.lineno}, column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
         reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)

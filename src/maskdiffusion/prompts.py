@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import html
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -185,37 +186,45 @@ def parse_classes(classes: str | Sequence[str | Sequence[str] | ClassName]) -> l
     return parsed
 
 
+def read_small_text(path: str | os.PathLike, *, what: str, limit: int, hint: str, error: type[ValueError]) -> str:
+    """The UTF-8 text of a file that must be small, read no further than ``limit`` bytes.
+
+    A missing or unreadable file, one larger than ``limit``, or one that is not UTF-8 text
+    (binary, UTF-16, Latin-1) raises ``error`` naming ``what``, the whole path, and ``hint``
+    (what the file must be). A byte-order mark is allowed.
+    """
+    name = f"{what} {str(path)!r}"  # the whole path: the file's name is at its end
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as failure:
+        raise error(f"cannot read {name}: {failure.strerror or failure}") from None
+    if len(data) > limit:
+        raise error(f"{name} is larger than {limit / 2**20:g} MiB: {hint}")
+    if b"\0" not in data:  # NUL bytes: a binary file or UTF-16, never text we read
+        with contextlib.suppress(UnicodeDecodeError):
+            return data.decode("utf-8-sig")
+    raise error(f"{name} is not UTF-8 text (is it a binary file?): {hint}")
+
+
 def read_class_file(path: str) -> list[ClassName]:
     """One class per line, ``a|b`` for synonyms; blank lines and ``#`` comments skipped.
 
     The file must be UTF-8 text (a byte-order mark is allowed) of at most
     :data:`MAX_CLASS_FILE_BYTES`; anything else is refused naming the file.
     """
-    name = repr(str(path))  # whole: the file's name is at its end
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_CLASS_FILE_BYTES + 1)
-    except OSError as error:
-        raise VocabularyError(f"cannot read class file {name}: {error.strerror or error}") from None
-    if len(data) > MAX_CLASS_FILE_BYTES:
-        raise VocabularyError(
-            f"class file {name} is larger than {MAX_CLASS_FILE_BYTES >> 20} MiB: it must be a text file with "
-            f"one class per line (at most {MAX_CLASSES:,} classes)"
-        )
-    text = None
-    if b"\0" not in data:  # NUL bytes: a binary file or UTF-16, never a class list
-        with contextlib.suppress(UnicodeDecodeError):
-            text = data.decode("utf-8-sig")
-    if text is None:
-        raise VocabularyError(
-            f"class file {name} is not UTF-8 text (is it a binary file?): it must be a UTF-8 text file "
-            "with one class per line"
-        )
+    text = read_small_text(
+        path,
+        what="class file",
+        limit=MAX_CLASS_FILE_BYTES,
+        hint=f"it must be a UTF-8 text file with one class per line (at most {MAX_CLASSES:,} classes)",
+        error=VocabularyError,
+    )
     lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     try:
         return parse_classes([line for line in lines if line])
     except VocabularyError as error:
-        raise VocabularyError(f"class file {name}: {error}") from None
+        raise VocabularyError(f"class file {str(path)!r}: {error}") from None
 
 
 def _byte_alphabet() -> list[str]:
