@@ -233,5 +233,8 @@ def test_too_many_classes_and_non_text_items_are_vocabulary_errors():
         parse_classes([["road", None]])
     with pytest.raises(VocabularyError, match="not a NoneType"):
         parse_classes(None)
+    with pytest.raises(VocabularyError, match="not a bytes"):
+        parse_classes(b"road, sky")
+    assert [c.synonyms for c in parse_classes(("road", ("sky", "heaven")))] == [("road",), ("sky", "heaven")]
     with pytest.raises(VocabularyError, match="lone surrogate"):
         parse_classes(["road", "sky\ud800"])

@@ -116,7 +116,7 @@ def _class_words(item: object, position: int) -> list[str]:
         item = item.synonyms
     if isinstance(item, str):
         words: list[object] = item.split("|")
-    elif isinstance(item, (list, tuple)):
+    elif isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
         words = list(item)
     else:
         raise VocabularyError(
@@ -159,7 +159,7 @@ def parse_classes(classes: str | Sequence[str | Sequence[str] | ClassName]) -> l
     """
     if isinstance(classes, str):
         items: list[object] = classes.split(",")
-    elif isinstance(classes, (list, tuple)):
+    elif isinstance(classes, Sequence) and not isinstance(classes, (bytes, bytearray)):
         items = list(classes)
     else:
         raise VocabularyError(
