@@ -64,9 +64,9 @@ def test_limits_themselves_are_accepted():
 
 
 def test_json_and_numpy_values_are_normalised():
-    preset = Preset.from_dict({"size": np.int64(256), "attention_factors": [16, 32], "window_overlap": 0})
+    preset = Preset.from_dict({"size": np.int64(256), "attention_factors": [16, np.int32(32)], "window_overlap": 0})
     assert preset.size == 256 and type(preset.size) is int
-    assert preset.attention_factors == (16, 32)
+    assert preset.attention_factors == (16, 32) and all(type(f) is int for f in preset.attention_factors)
     assert preset.window_overlap == 0.0 and type(preset.window_overlap) is float
     assert hash(preset) == hash(Preset.from_dict(preset.to_dict()))
 

@@ -90,15 +90,14 @@ class Preset:
         """Normalise JSON-like values (lists -> tuples, numpy scalars -> Python) and :meth:`check` them."""
         for name in ("attention_factors", "feature_blocks"):
             value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(_as_int(v) for v in value))
         for name, kind in _NUMBERS.items():
             value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                if kind is int and isinstance(value, numbers.Integral):
-                    object.__setattr__(self, name, int(value))
-                elif kind is float:
-                    object.__setattr__(self, name, float(value))
+            if kind is int:
+                object.__setattr__(self, name, _as_int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         self.check()
 
     def replace(self, **changes) -> Preset:
@@ -170,6 +169,11 @@ _NUMBERS = {
     "background_threshold": float,
     "refine_steps": int,
 }
+
+
+def _as_int(value: object) -> object:
+    """numpy and other integers -> ``int``; anything else (bools, floats, text) unchanged, for :meth:`Preset.check`."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 def _refuse(name: str, value: object, rule: str) -> NoReturn:
