@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskdiffusion import web
+from maskdiffusion import ImageLoadError, InputLimits, web
 
 CLASSES = "sky, road, person|pedestrian"
 
@@ -78,7 +78,7 @@ def test_arrays_and_pil_images_are_accepted(segmenter, rng):
 
 
 def test_background_threshold_adds_a_background_row(segmenter, photo):
-    response = request(segmenter, photo, threshold=2.0)  # cosine scores never reach 2
+    response = request(segmenter, photo, threshold=1.0)  # the highest cosine score: no pixel reaches it
     assert response.ok
     assert response.shares[-1][0] == "background" and response.shares[-1][2] == pytest.approx(100)
 
@@ -133,23 +133,61 @@ def test_unreadable_upload_is_a_message_naming_it(segmenter, tmp_path):
     assert not response.ok and "cannot read image 'holiday.png'" in response.message
 
 
+def test_upload_messages_name_the_file_never_the_server_path(segmenter, tmp_path):
+    # Gradio keeps an upload at a path of its own; PIL's error text quotes that whole path
+    folder = tmp_path / "gradio" / "4f1c0e9a"
+    folder.mkdir(parents=True)
+    broken = folder / "upload.png"
+    broken.write_bytes(b"this is not a PNG")
+    response = request(segmenter, broken, name="My holiday.png")
+    assert not response.ok and "cannot read image 'My holiday.png'" in response.message
+    assert str(tmp_path) not in response.message and "upload.png" not in response.message
+
+
+def test_a_name_with_folders_is_shown_without_them(segmenter, photo):
+    response = request(segmenter, photo, name="../../etc/street.png")
+    assert response.ok and "Segmented street.png" in response.message and "etc" not in response.message
+
+
 def test_image_over_the_pixel_limit_is_refused_before_decoding(segmenter, tmp_path):
     huge = png_header_only(tmp_path / "huge.png", 8000, 6000)  # 48 MP, and no pixel data to decode
     response = request(segmenter, huge)
+    assert not response.ok and "'huge.png' has 8000x6000 = 48" in response.message
+    assert "megapixels, over the limit of 40" in response.message
+
+
+def test_thin_image_is_refused_by_its_aspect_ratio(segmenter, tmp_path):
+    thin = png_header_only(tmp_path / "thin.png", 16, 4000)  # 64,000 pixels, but 250 views of the short side
+    response = request(segmenter, thin)
     assert not response.ok
-    assert "huge.png has 8000x6000 = 48.0 megapixels; this app takes at most 40" in response.message
+    assert "'thin.png' is 16x4000 pixels, an aspect ratio of 250.0:1, over the limit of 16:1" in response.message
+    assert "crop it" in response.message
+
+
+def test_the_segmenters_input_limits_apply(segmenter, monkeypatch, rng):
+    """The app has no limits of its own: those of the segmenter (serve --max-megapixels) decide."""
+    monkeypatch.setattr(segmenter, "limits", InputLimits(max_pixels=1000, max_aspect=2.0))
+    response = request(segmenter, np.zeros((40, 40, 3), dtype=np.uint8))
+    assert not response.ok and "40x40" in response.message and "over the limit of 0.001" in response.message
+    response = request(segmenter, (rng.random((10, 30, 3)) * 255).astype(np.uint8))
+    assert not response.ok and "aspect ratio of 3.0:1, over the limit of 2:1" in response.message
+
+    class ReachedTheModel(Exception):
+        pass
+
+    def model(*args, **kwargs):
+        raise ReachedTheModel
+
+    monkeypatch.setattr(segmenter, "limits", InputLimits(max_aspect=18.0))  # raised by the server's operator
+    monkeypatch.setattr(segmenter, "segment_batch", model)
+    with pytest.raises(ReachedTheModel):  # 17:1 passes the app's checks
+        request(segmenter, (rng.random((4, 68, 3)) * 255).astype(np.uint8))
 
 
 def test_decompression_bomb_is_refused_as_too_large(segmenter, tmp_path):
     bomb = png_header_only(tmp_path / "bomb.png", 60000, 60000)  # past Pillow's own bomb limit
     response = request(segmenter, bomb)
-    assert not response.ok and "too many megapixels" in response.message
-
-
-def test_in_memory_image_over_the_pixel_limit_is_refused(segmenter, monkeypatch):
-    monkeypatch.setattr(web, "MAX_PIXELS", 1000)
-    response = request(segmenter, np.zeros((40, 40, 3), dtype=np.uint8))
-    assert not response.ok and "40x40 = 0.0 megapixels" in response.message
+    assert not response.ok and "'bomb.png' is refused" in response.message and "megapixels" in response.message
 
 
 def test_size_that_the_model_cannot_take_is_a_message(segmenter, photo):
@@ -160,6 +198,89 @@ def test_size_that_the_model_cannot_take_is_a_message(segmenter, photo):
 def test_unknown_preset_is_a_message(segmenter, photo):
     response = request(segmenter, photo, preset_name="fastest")
     assert not response.ok and "unknown preset 'fastest'" in response.message
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"size": 4096}, "size 4096 is not a whole number from 64 to 1024"),
+        ({"size": 32}, "size 32 is not a whole number from 64 to 1024"),
+        ({"size": 128.5}, "size 128.5 is not a whole number"),
+        ({"size": float("inf")}, "size inf is not a whole number"),
+        ({"size": float("nan")}, "size must be a number, got NaN"),
+        ({"size": "512"}, "size must be a number, got '512'"),
+        ({"size": True}, "size must be a number, got True"),
+        ({"preset_name": ["default"]}, "unknown preset ['default']; choose one of ['default', 'reference']"),
+        ({"threshold": 2.0}, "background threshold 2.0 is not from -1 to 1, the range of the scores"),
+        ({"threshold": float("-inf")}, "background threshold -inf is not from -1 to 1"),
+        ({"threshold": "0.5"}, "background threshold must be a number, got '0.5'"),
+        ({"preset_name": "reference", "threshold": float("inf")}, "background threshold inf is not a finite number"),
+    ],
+)
+def test_settings_are_checked_as_strictly_as_the_page_does(segmenter, photo, settings, words):
+    """The API takes any JSON; the slider's range, the preset list and the scores' range hold on the server."""
+    response = request(segmenter, photo, **settings)
+    assert not response.ok and words in response.message
+
+
+def test_unbounded_scores_take_any_finite_threshold(segmenter, photo):
+    response = request(segmenter, photo, preset_name="reference", threshold=1e6)  # dot products, not cosines
+    assert response.ok and response.shares[-1][0] == "background"
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [(["sky", "road"], "the class list must be text, got list"), (42, "the class list must be text, got int")],
+)
+def test_class_list_that_is_not_text_is_a_message(segmenter, photo, classes, words):
+    response = request(segmenter, photo, classes)
+    assert not response.ok and words in response.message
+
+
+def test_overlong_class_text_is_refused_before_parsing(segmenter, photo):
+    text = "sky, " + "x" * web.MAX_CLASS_TEXT
+    response = request(segmenter, photo, text)
+    assert not response.ok
+    assert f"is {len(text)} characters long, more than this app takes ({web.MAX_CLASS_TEXT})" in response.message
+    assert len(response.message) < 400  # the text is not echoed
+
+
+def test_request_past_its_deadline_is_stopped_with_a_message(segmenter, photo):
+    response = request(segmenter, photo, timeout=1e-9)
+    assert not response.ok
+    assert "took longer than this server's limit of 1e-09 s and was stopped" in response.message
+    assert "--request-timeout" in response.message
+    assert request(segmenter, photo, timeout=60).ok
+
+
+def test_request_whose_client_has_gone_is_stopped(segmenter, photo):
+    asked = []
+
+    def gone():
+        asked.append(True)
+        return True
+
+    response = request(segmenter, photo, client_gone=gone)
+    assert not response.ok and "the client has gone" in response.message and asked
+
+
+def test_random_weights_are_said_in_the_model_line_and_after_each_request(segmenter, photo):
+    assert segmenter.card.random_weights
+    assert "Random weights" in web.model_info(segmenter) and "meaningless" in web.model_info(segmenter)
+    response = request(segmenter, photo)
+    assert response.ok and "**Warning:**" in response.message
+    assert "random weights" in response.message and "labels are meaningless" in response.message
+
+
+def test_result_warnings_are_escaped_in_the_status(segmenter, photo, monkeypatch):
+    monkeypatch.setattr(type(segmenter), "warnings", lambda self, vocabulary: ["<script>alert(1)</script> & more"])
+    response = request(segmenter, photo)
+    assert response.ok and "**Warning:** &lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in response.message
+
+
+def test_error_messages_are_escaped(segmenter, photo):
+    response = request(segmenter, photo, preset_name="<b>x</b>")
+    assert not response.ok and "&lt;b&gt;x&lt;/b&gt;" in response.message and "<b>" not in response.message
 
 
 def test_model_info_names_model_device_and_dtype(segmenter):
@@ -178,12 +299,129 @@ def test_examples_ship_with_the_package():
     assert rows and all(Image.open(path).size and classes for path, classes in rows)
 
 
-def test_serve_command_binds_loopback_by_default():
+@pytest.fixture(scope="module")
+def toy_segmenter():
+    from maskdiffusion import MaskDiffusion
+
+    return MaskDiffusion.from_pretrained("toy", device="cpu")
+
+
+def test_toy_world_model_gets_toy_world_scenes_as_examples(toy_segmenter, segmenter, tmp_path):
+    from maskdiffusion.toyworld.gate import held_out_scenes
+    from maskdiffusion.toyworld.world import CLASS_NAMES
+
+    assert web.is_toy_world_model(toy_segmenter) and not web.is_toy_world_model(segmenter)
+    rows = web.toy_world_rows(tmp_path, count=3)
+    assert [classes for _, classes in rows] == [", ".join(CLASS_NAMES)] * 3
+    for (path, _), scene in zip(rows, held_out_scenes(3), strict=True):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), scene.image)  # held out, not training
+    assert "trained on these words only: grass, brick wall" in web.model_info(toy_segmenter)
+
+
+def test_toy_world_model_app_offers_toy_world_examples(gradio, toy_segmenter, tmp_path):
+    folders = web.RequestFolders(tmp_path)
+    app = web.build_app(toy_segmenter, folders=folders)
+    examples = next(block for block in app.blocks.values() if isinstance(block, gradio.Dataset))
+    paths = [row[0]["path"] if isinstance(row[0], dict) else row[0] for row in examples.samples]
+    assert len(paths) == web.TOY_EXAMPLES and all("toy-world-" in str(path) for path in paths)
+    assert all(row[1] == ", ".join(toy_segmenter.card.vocabulary) for row in examples.samples)
+
+
+def test_toy_world_example_is_segmented_without_warnings(toy_segmenter, tmp_path):
+    path, classes = web.toy_world_rows(tmp_path, count=1)[0]
+    response = web.segment_request(toy_segmenter, path, classes)
+    assert response.ok and "Warning" not in response.message
+
+
+def test_words_the_model_never_saw_are_warned_about(toy_segmenter, tmp_path):
+    path, _ = web.toy_world_rows(tmp_path, count=1)[0]
+    response = web.segment_request(toy_segmenter, path, "sky, grass, car")
+    assert response.ok and "**Warning:**" in response.message and "'sky', 'car'" in response.message
+
+
+def serve_parser():
     parser = argparse.ArgumentParser()
     web.add_serve_command(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_serve_command_binds_loopback_by_default():
+    parser = serve_parser()
     args = parser.parse_args(["serve", "--model", "tiny-random"])
     assert (args.host, args.port, args.model, args.run) == ("127.0.0.1", 7860, "tiny-random", web.cmd_serve)
+    assert (args.request_timeout, args.max_megapixels) == (120.0, 40.0)
     assert parser.parse_args(["serve", "--host", "0.0.0.0", "--port", "8080"]).port == 8080
+    assert parser.parse_args(["serve", "--request-timeout", "2.5"]).request_timeout == 2.5
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("::", True), ("127.0.0.1", False), ("::1", False)])
+def test_serve_warns_when_the_app_is_open_to_the_network(host, warned, monkeypatch, capsys):
+    from maskdiffusion.pipeline import MaskDiffusion
+
+    class Stop(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(MaskDiffusion, "from_pretrained", no_model)
+    with pytest.raises(Stop):  # the warning comes before the model loads
+        web.cmd_serve(serve_parser().parse_args(["serve", "--host", host]))
+    assert ("anyone who can reach this machine can use the app" in capsys.readouterr().out) is warned
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_serve_refuses_a_request_timeout_that_is_not_positive(value, capsys):
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["serve", "--request-timeout", value])
+    assert "expected a number of seconds above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "in_url", "loopback"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("localhost", "localhost", True),
+        ("::1", "[::1]", True),
+        ("[::1]", "[::1]", True),
+        ("0.0.0.0", "0.0.0.0", False),
+        ("::", "[::]", False),
+        ("192.168.1.5", "192.168.1.5", False),
+        ("example.org", "example.org", False),
+    ],
+)
+def test_hosts_in_urls_and_which_are_loopback(host, in_url, loopback):
+    assert web.url_host(host) == in_url and web.is_loopback(host) is loopback
+
+
+def test_upload_file_takes_only_files_in_gradios_upload_folder(gradio, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    inside = tmp_path / "uploads" / "abc" / "x.png"
+    assert web.upload_file(None) == (None, None)
+    assert web.upload_file({"path": str(inside), "orig_name": "holiday.png"}) == (str(inside), "holiday.png")
+    assert web.upload_file({"path": str(inside)}) == (str(inside), None)
+    for outside in [tmp_path / "secret.png", tmp_path / "uploads" / ".." / "secret.png", "/etc/passwd"]:
+        with pytest.raises(ImageLoadError, match="must be a file uploaded to this app"):
+            web.upload_file({"path": str(outside)})
+    for payload in [str(inside), ["x"], 5, {"url": "http://example.org/x.png"}]:
+        with pytest.raises(ImageLoadError, match="must be an uploaded file"):
+            web.upload_file(payload)
+
+
+def test_request_folders_in_the_temp_folder_are_removed_on_close():
+    folders = web.RequestFolders()
+    folders.new()
+    assert folders.root.name.startswith("maskdiffusion-web-") and folders.root.exists()
+    folders.close()
+    assert not folders.root.exists()
+
+
+def test_request_folders_in_a_given_root_remove_only_their_own(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    folders = web.RequestFolders(tmp_path)
+    made = folders.new()
+    folders.close()
+    assert not made.exists() and (tmp_path / "keep.txt").exists()
 
 
 # -- the Gradio app (no server, no browser) ------------------------------------------------
@@ -214,7 +452,24 @@ def test_app_turns_an_unexpected_error_into_a_message(gradio, segmenter, monkeyp
     def broken(*args, **kwargs):
         raise KeyError("boom")
 
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(photo.parent))
     app = web.build_app(segmenter, examples=[])
     monkeypatch.setattr(web, "segment_request", broken)
     status, *rest = segment_event(app).fn({"path": str(photo)}, "sky", "default", 128, None)
     assert "internal error (KeyError: 'boom')" in status and rest == [None, None, "", [], None]
+
+
+def test_app_refuses_a_file_that_was_not_uploaded(gradio, segmenter, monkeypatch, photo, tmp_path):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    app = web.build_app(segmenter, examples=[])
+    status, overlay, *_ = segment_event(app).fn({"path": str(photo)}, "sky", "default", 128, None)
+    assert "must be a file uploaded to this app" in status and overlay is None
+
+
+def test_app_names_the_upload_by_its_original_name(gradio, segmenter, monkeypatch, photo):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(photo.parent))
+    app = web.build_app(segmenter, examples=[])
+    status, overlay, *_ = segment_event(app).fn(
+        {"path": str(photo), "orig_name": "Beach day.png"}, "sky", "default", 128, None
+    )
+    assert "Segmented Beach day.png (160x96)" in status and overlay is not None

@@ -7,34 +7,41 @@ without a browser, and ``gradio`` (the optional ``maskdiffusion[web]`` extra) is
 only when an app is actually built.
 
 Bad input never raises out of a request: it comes back as a message shown in the page,
-and the server goes on serving. Requests are queued one at a time, because there is one
-model and its passes would only compete for the same device.
+and the server goes on serving. Every field is checked on the server as strictly as the page
+checks it (the API takes any JSON), and a request's work is bounded: images over the
+segmenter's :class:`~maskdiffusion.views.InputLimits` are refused from their header, and a
+request stops at its deadline or when its client has gone. Requests are queued one at a
+time, because there is one model and its passes would only compete for the same device.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import html
+import ipaddress
 import logging
 import math
+import numbers
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 
 from . import files, visualize
 from .presets import Preset
 from .prompts import ClassName, VocabularyError, parse_classes
-from .views import ImageLoadError, load_image
+from .views import ImageLoadError, InputLimits, load_image
 
 if TYPE_CHECKING:
     import gradio
@@ -45,14 +52,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CLASSES = 200  # more names than anyone can tell apart in one picture; bounds a request's cost
-MAX_PIXELS = 40_000_000  # 40 megapixels: the decoded RGB copy alone is 120 MB
+MAX_CLASS_TEXT = 20_000  # characters in the class box: 200 classes of 100 characters
 MAX_UPLOAD = "100mb"  # Gradio refuses larger uploads before they reach a request
 MAX_HEATMAPS = 48  # heat maps shown in the gallery; the JSON and label map cover every class
 HEATMAP_SIDE = 320  # long side of a heat map in the gallery, in pixels
 KEEP_REQUESTS = 16  # request folders of downloads kept on disk; older ones are deleted
+TOY_EXAMPLES = 4  # held-out toy-world scenes offered as examples with a toy-world model
 DEFAULT_HOST = "127.0.0.1"  # loopback: the app is reachable from other machines only when asked
 DEFAULT_PORT = 7860
 SIZE_RANGE = (64, 1024)  # the size slider's range; its step is the model's block size
+COSINE_RANGE = (-1.0, 1.0)  # scores of presets with normalised prototypes; a threshold outside is meaningless
+REQUEST_TIMEOUT = 120.0  # seconds of work one request may take before it is stopped (serve --request-timeout)
 NO_IMAGE = "no image: upload one or pick an example below"
 
 
@@ -85,7 +95,7 @@ class WebResponse:
 
     @classmethod
     def error(cls, message: str) -> WebResponse:
-        return cls(ok=False, message=f"**Cannot segment:** {message}")
+        return cls(ok=False, message=f"**Cannot segment:** {_escape(message)}")
 
     def outputs(self) -> tuple:
         """Values for the app's output components, in :data:`OUTPUT_ORDER`."""
@@ -103,13 +113,29 @@ OUTPUT_ORDER = ("status", "overlay", "label_map", "legend", "heatmaps", "downloa
 
 
 def model_info(segmenter: MaskDiffusion) -> str:
-    """One Markdown line: which model runs where, so a screenshot says what made it."""
+    """Markdown: which model runs where, so a screenshot says what made it, and what its labels are worth."""
     dtype = str(segmenter.dtype).removeprefix("torch.")
-    return f"Model `{segmenter.model_id}` · device `{segmenter.device}` · dtype `{dtype}`"
+    lines = [f"Model `{segmenter.model_id}` · device `{segmenter.device}` · dtype `{dtype}`"]
+    if segmenter.card.random_weights:
+        lines.append(
+            "**Random weights: this is a test model. Its labels and heat maps are meaningless;** "
+            "it shows that the app runs, nothing more."
+        )
+    if segmenter.card.vocabulary is not None:
+        words = ", ".join(segmenter.card.vocabulary)
+        lines.append(f"This model was trained on these words only: {_escape(words)}. Other words get guesses.")
+    return "\n\n".join(lines)
 
 
-def check_classes(text: str | None) -> list[ClassName]:
+def check_classes(text: Any) -> list[ClassName]:
     """Parse the class box (``"a, b|c"``); raise :class:`VocabularyError` with the fix."""
+    if text is not None and not isinstance(text, str):
+        raise VocabularyError(f"the class list must be text, got {type(text).__name__}")
+    if text is not None and len(text) > MAX_CLASS_TEXT:
+        raise VocabularyError(
+            f"the class list is {len(text)} characters long, more than this app takes ({MAX_CLASS_TEXT}): "
+            "ask for fewer or shorter names, or use the command line (maskdiffusion segment --classes @file.txt)"
+        )
     cleaned = (text or "").strip().strip(",").strip()  # a stray comma at either end is not a class
     if not cleaned:
         raise VocabularyError("the class list is empty: type class names separated by commas, e.g. 'sky, road, car'")
@@ -122,33 +148,32 @@ def check_classes(text: str | None) -> list[ClassName]:
     return vocabulary
 
 
-def open_checked(image: Any, name: str = "the upload") -> Image.Image:
-    """The request's image as RGB, refused before decoding when it is over :data:`MAX_PIXELS`.
+def check_settings(segmenter: MaskDiffusion, preset_name: Any, size: Any, threshold: Any) -> Preset:
+    """The named preset with the settings' size and threshold, each checked as strictly as the page does.
 
-    ``image``: a file path (an upload), a PIL image or a ``(H, W[, 3|4])`` array.
-    Raises :class:`ImageLoadError` naming the problem and the fix.
+    The API takes any JSON, so nothing here trusts the page's widgets: the preset must be one
+    of the list, the size a whole number in the slider's range (the model then checks it is a
+    multiple of its block size), the threshold empty or a finite number in the scores' range.
+    Raises ``ValueError`` naming the field and what to send.
     """
-    if image is None:
-        raise ImageLoadError(NO_IMAGE)
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with warnings.catch_warnings(), Image.open(image) as header:  # reads the header only
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                width, height = header.size
-        except Image.DecompressionBombError:
-            width = height = math.inf
-        except (OSError, SyntaxError, ValueError):
-            width = height = 0  # load_image below says what is wrong with it
-    elif isinstance(image, Image.Image):
-        width, height = image.size
-    else:
-        height, width = np.shape(image)[:2] if np.ndim(image) >= 2 else (0, 0)
-    if width * height > MAX_PIXELS:
-        size = "too many" if math.isinf(width) else f"{width}x{height} = {width * height / 1e6:.1f}"
-        raise ImageLoadError(
-            f"{name} has {size} megapixels; this app takes at most {MAX_PIXELS / 1e6:.0f}: downscale it first"
-        )
-    return load_image(image, name=name)
+    if preset_name is not None and (not isinstance(preset_name, str) or preset_name not in segmenter.presets):
+        raise ValueError(f"unknown preset {_short(preset_name)}; choose one of {sorted(segmenter.presets)}")
+    base = segmenter.presets[preset_name] if preset_name else segmenter.preset
+    changes: dict[str, Any] = {}
+    if size is not None:
+        low, high = SIZE_RANGE
+        value = _number(size, "size")
+        if not (low <= value <= high and value.is_integer()):
+            raise ValueError(f"size {_short(size)} is not a whole number from {low} to {high} (the slider's range)")
+        changes["size"] = int(value)
+    value = math.nan if threshold is None else _number(threshold, "background threshold", allow_nan=True)
+    if not math.isnan(value):  # NaN: the number box left empty
+        low, high = COSINE_RANGE if base.normalize_prototypes else (-math.inf, math.inf)
+        if not math.isfinite(value) or not low <= value <= high:
+            where = f"from {low:g} to {high:g}, the range of the scores" if math.isfinite(low) else "a finite number"
+            raise ValueError(f"background threshold {_short(threshold)} is not {where}; or leave it empty (off)")
+        changes["background_threshold"] = value
+    return base.replace(**changes)
 
 
 def segment_request(
@@ -160,33 +185,57 @@ def segment_request(
     threshold: float | None = None,
     *,
     out_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    timeout: float | None = None,
+    client_gone: Callable[[], bool] | None = None,
 ) -> WebResponse:
     """Run one request of the web app; bad input comes back as a message, never raised.
 
     Arguments:
-        segmenter: the loaded model.
+        segmenter: the loaded model; its ``limits`` bound the image (checked from the header).
         image: upload path, PIL image or ``(H, W[, 3|4])`` array; ``None`` = nothing uploaded.
         classes_text: ``"sky, road, person|pedestrian"`` (comma-separated, ``|`` = synonyms).
         preset_name: a name in ``segmenter.presets``; ``None`` = the segmenter's preset.
-        size: view short side in pixels; ``None`` = the preset's.
+        size: view short side in pixels, in :data:`SIZE_RANGE`; ``None`` = the preset's.
         threshold: background threshold on the best class score; ``None`` or NaN = off.
         out_dir: where the labels PNG and JSON for download are written; ``None`` = not written.
+        name: the file name the user knows the image by (an upload's original name); messages
+            use it and never the server's path of the file.
+        timeout: seconds after which the segmentation stops with a message; ``None`` = no limit.
+        client_gone: asked between model batches; true stops the work (nobody waits for it).
 
     Returns:
         A :class:`WebResponse`; ``ok`` is false when the input could not be segmented.
     """
+    from .pipeline import SegmentationCancelled  # torch: imported when a request runs, not with the CLI
+
     start = time.perf_counter()
-    name = _display_name(image)
+    is_file = isinstance(image, (str, os.PathLike))
+    given = Path(name or (image if is_file else "")).name  # a name only, never a folder of the server
+    name = given or "the image"
     if image is None:
         return WebResponse.error(NO_IMAGE)
+
+    def cancel() -> bool:
+        over_time = timeout is not None and time.perf_counter() - start > timeout
+        return over_time or (client_gone is not None and client_gone())
+
     try:
         vocabulary, preset = segmenter.check_inputs(
-            check_classes(classes_text), _request_preset(segmenter, preset_name, size, threshold)
+            check_classes(classes_text), check_settings(segmenter, preset_name, size, threshold)
         )
-        picture = open_checked(image, name)
-        result = segmenter(picture, classes=vocabulary, preset=preset)
+        picture = load_image(image, name=name, limits=segmenter.limits)
+        result = segmenter.segment_batch([picture], vocabulary, preset=preset, cancel=cancel)[0]
     except (VocabularyError, ImageLoadError) as error:
-        return WebResponse.error(str(error))
+        return WebResponse.error(_hide_path(str(error), image, name))
+    except SegmentationCancelled:
+        if client_gone is not None and client_gone():
+            log.info("stopped a request whose client has gone")
+            return WebResponse.error("the client has gone; the request was stopped")
+        return WebResponse.error(
+            f"the request took longer than this server's limit of {timeout:g} s and was stopped: try a smaller "
+            "size, fewer classes or a smaller image (the limit is set by maskdiffusion serve --request-timeout)"
+        )
     except ValueError as error:  # settings that cannot work with this model (size, preset fields)
         return WebResponse.error(f"{error}; change the settings and try again")
     except MemoryError:
@@ -196,14 +245,15 @@ def segment_request(
             raise
         return WebResponse.error("out of memory on the device: try a smaller size or fewer classes")
     result.source = name
-    downloads = _write_downloads(result, out_dir, _stem(image)) if out_dir is not None else []
+    downloads = _write_downloads(result, out_dir, Path(given).stem or "image") if out_dir is not None else []
     seconds = time.perf_counter() - start
     shares = _share_rows(result)
     message = (
-        f"Segmented {html.escape(name)} ({picture.width}x{picture.height}) into {len(result.classes)} "
+        f"Segmented {_escape(name)} ({picture.width}x{picture.height}) into {len(result.classes)} "
         f"class{'es' if len(result.classes) != 1 else ''} in **{seconds:.2f} s** "
         f"(model {result.timings.get('seconds', 0.0):.2f} s, size {preset.size}"
         + (f", preset {preset_name})" if preset_name else ")")
+        + "".join(f"\n\n**Warning:** {_escape(warning)}" for warning in result.warnings)
     )
     return WebResponse(
         ok=True,
@@ -221,32 +271,34 @@ def segment_request(
 # -- request pieces ------------------------------------------------------------------
 
 
-def _display_name(image: Any) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image).name or "the upload"
-    return "the image"
+def _escape(text: str) -> str:
+    """User text (file and class names) for Markdown: no HTML gets through."""
+    return html.escape(text, quote=False)
 
 
-def _stem(image: Any) -> str:
-    stem = Path(image).stem if isinstance(image, (str, os.PathLike)) else ""
-    return stem or "image"
+def _short(value: Any, limit: int = 40) -> str:
+    """A value from the request for a message: its repr, cut short (the API sends anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
-def _request_preset(
-    segmenter: MaskDiffusion, preset_name: str | None, size: float | None, threshold: float | None
-) -> Preset:
-    """The named preset with the accordion's size and threshold applied (the model checks it)."""
-    if preset_name and preset_name not in segmenter.presets:
-        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(segmenter.presets)}")
-    base = segmenter.presets[preset_name] if preset_name else segmenter.preset
-    changes: dict[str, Any] = {}
-    if size is not None:
-        if float(size) != int(size) or int(size) <= 0:
-            raise ValueError(f"size must be a positive whole number of pixels, got {size}")
-        changes["size"] = int(size)
-    if threshold is not None and not math.isnan(float(threshold)):
-        changes["background_threshold"] = float(threshold)
-    return base.replace(**changes)
+def _number(value: Any, what: str, *, allow_nan: bool = False) -> float:
+    """``value`` as a float when it is a real number (not a bool, not text), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {_short(value)}")
+    number = float(value)
+    if math.isnan(number) and not allow_nan:
+        raise ValueError(f"{what} must be a number, got NaN")
+    return number
+
+
+def _hide_path(message: str, image: Any, name: str) -> str:
+    """``message`` with the server's path of ``image`` replaced by the name the user knows."""
+    if not isinstance(image, (str, os.PathLike)):
+        return message
+    for path in sorted({os.path.abspath(image), os.fspath(image)}, key=len, reverse=True):
+        message = message.replace(path, name)
+    return message.replace(os.path.dirname(os.path.abspath(image)), "…")
 
 
 def _share_rows(result: Result) -> list[list[Any]]:
@@ -302,13 +354,18 @@ class RequestFolders:
 
     Downloads must outlive the request (the browser fetches them afterwards), but a server
     that runs for weeks must not fill the disk, so old folders are deleted as new ones come.
+    Without a ``root`` the folders live in a new ``maskdiffusion-web-*`` folder of the
+    system's temporary folder, removed by :meth:`close` and at the latest when Python exits.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, keep: int = KEEP_REQUESTS):
-        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="maskdiffusion-web-"))
+        self.owns_root = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="maskdiffusion-web-")) if root is None else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self._folders: deque[Path] = deque()
+        if self.owns_root:
+            atexit.register(self.close)
 
     def new(self) -> Path:
         folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.root))
@@ -316,6 +373,12 @@ class RequestFolders:
         while len(self._folders) > self.keep:
             shutil.rmtree(self._folders.popleft(), ignore_errors=True)
         return folder
+
+    def close(self) -> None:
+        """Delete what this object made: its own root, or the request folders in a given one."""
+        for folder in [self.root] if self.owns_root else self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders.clear()
 
 
 # -- the Gradio app ------------------------------------------------------------------
@@ -328,12 +391,89 @@ def example_rows() -> list[list[str]]:
     return [[str(path), classes] for path, classes in example_images()]
 
 
+def is_toy_world_model(segmenter: MaskDiffusion) -> bool:
+    """Whether the model was trained on the toy world (its card lists exactly the world's classes)."""
+    from .toyworld.world import CLASS_NAMES
+
+    vocabulary = segmenter.card.vocabulary
+    return vocabulary is not None and set(vocabulary) == set(CLASS_NAMES)
+
+
+def toy_world_rows(folder: str | os.PathLike, count: int = TOY_EXAMPLES) -> list[list[str]]:
+    """``[path, classes]`` of ``count`` held-out toy-world scenes, written as PNGs into ``folder``.
+
+    A model that knows only the toy world is shown scenes of that world, asked for its classes:
+    a street photo would only show it failing at what it never saw.
+    """
+    from .toyworld.gate import held_out_scenes
+    from .toyworld.world import CLASS_NAMES
+
+    classes = ", ".join(CLASS_NAMES)
+    rows = []
+    for index, scene in enumerate(held_out_scenes(count)):
+        path = files.write_image(Path(folder) / f"toy-world-{index + 1}.png", Image.fromarray(scene.image))
+        rows.append([str(path), classes])
+    return rows
+
+
+def upload_file(payload: Any) -> tuple[str | None, str | None]:
+    """The server path and the user's file name of the image field's value (``None, None``: no image).
+
+    The event runs with ``preprocess=False`` so that an unreadable upload reaches
+    :func:`segment_request` and gets its message; so the value is whatever JSON the client
+    sent, and it is accepted only as Gradio's record of a file in Gradio's upload folder.
+    Raises :class:`ImageLoadError` otherwise.
+    """
+    from gradio.utils import get_upload_folder
+
+    if payload is None:
+        return None, None
+    path = payload.get("path") if isinstance(payload, dict) else None
+    if not isinstance(path, str):
+        raise ImageLoadError(
+            f"the image must be an uploaded file (Gradio's file record with a 'path'), got {type(payload).__name__}"
+        )
+    if not Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+        raise ImageLoadError(
+            "the image must be a file uploaded to this app: upload it first (gradio_client's handle_file does)"
+        )
+    original = payload.get("orig_name")
+    return path, original if isinstance(original, str) and original else None
+
+
+def client_gone_check(app: gradio.Blocks) -> Callable[[], bool] | None:
+    """For the Gradio event running in this thread: a callable that says whether its client has gone.
+
+    Gradio marks a running event dead (``alive = False``) when the page's event stream
+    disconnects, and drops it from its running jobs when the client cancels it; the work
+    itself, in a thread, goes on unless asked. Both facts live in Gradio's queue, which has
+    no public interface for them: ``tests/test_web_live.py`` checks them on the installed
+    version. ``None`` outside a Gradio event (a direct call).
+    """
+    from gradio.context import LocalContext
+
+    event_id = LocalContext.event_id.get(None)
+    if event_id is None:
+        return None
+    queue = app._queue
+
+    def gone() -> bool:
+        for job in queue.active_jobs:
+            for event in job or ():
+                if event._id == event_id:
+                    return not event.alive
+        return True  # no longer running in the queue: cancelled
+
+    return gone
+
+
 def build_app(
     segmenter: MaskDiffusion,
     *,
     folders: RequestFolders | None = None,
     examples: list[list[str]] | None = None,
     title: str = "maskdiffusion",
+    request_timeout: float | None = REQUEST_TIMEOUT,
 ) -> gradio.Blocks:
     """The Gradio app around ``segmenter``: inputs, settings accordion, outputs, queue.
 
@@ -341,7 +481,9 @@ def build_app(
         segmenter: the loaded model; every request goes through :func:`segment_request`.
         folders: where downloads are written (default: a new folder in the system temp folder,
             which Gradio serves; elsewhere, pass its root in ``launch``'s ``allowed_paths``).
-        examples: ``[path, classes]`` rows (default: the package's example images).
+        examples: ``[path, classes]`` rows (default: toy-world scenes for a toy-world model,
+            else the package's example images).
+        request_timeout: seconds of work a request may take before it stops with a message.
 
     Returns:
         A ``gradio.Blocks`` with its queue set to one request at a time; start it with
@@ -351,17 +493,31 @@ def build_app(
     import gradio as gr
 
     folders = folders or RequestFolders()
-    examples = example_rows() if examples is None else examples
+    if examples is None:
+        examples = toy_world_rows(folders.root) if is_toy_world_model(segmenter) else example_rows()
     preset_names = sorted(segmenter.presets)
+    # One segmentation at a time even when Gradio frees the queue's slot early (a cancelled
+    # event's thread runs on until it next asks whether to stop).
+    model_lock = threading.Lock()
 
-    def run(image_payload: Any, classes_text: str, preset_name: str, size: float, threshold: float | None) -> tuple:
-        # The event runs with preprocess=False: the image arrives as Gradio's file record, so an
-        # unreadable upload reaches open_checked (and gets our message) instead of failing in Gradio.
-        path = image_payload.get("path") if isinstance(image_payload, dict) else image_payload
+    def run(image_payload: Any, classes_text: Any, preset_name: Any, size: Any, threshold: Any) -> tuple:
         try:
-            response = segment_request(
-                segmenter, path, classes_text, preset_name, size, threshold, out_dir=folders.new()
-            )
+            path, name = upload_file(image_payload)
+            with model_lock:
+                response = segment_request(
+                    segmenter,
+                    path,
+                    classes_text,
+                    preset_name,
+                    size,
+                    threshold,
+                    out_dir=folders.new(),
+                    name=name,
+                    timeout=request_timeout,
+                    client_gone=client_gone_check(app),
+                )
+        except ImageLoadError as error:
+            response = WebResponse.error(str(error))
         except Exception as error:  # keep serving; say what happened instead of a bare "Error"
             log.exception("request failed")
             response = WebResponse.error(f"internal error ({type(error).__name__}: {error}); see the server log")
@@ -444,6 +600,21 @@ def _default_preset_name(segmenter: MaskDiffusion) -> str:
     return "default" if "default" in segmenter.presets else sorted(segmenter.presets)[0]
 
 
+def url_host(host: str) -> str:
+    """``host`` as it is written in a URL: an IPv6 address in brackets (``::1`` -> ``[::1]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (``localhost``, ``127.x``, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def launch(
     app: gradio.Blocks,
     *,
@@ -452,13 +623,15 @@ def launch(
     block: bool = True,
     allowed_paths: list[str] | None = None,
 ) -> Any:
-    """Start ``app`` on ``host:port``; ``block=False`` returns at once (tests, notebooks).
+    """Start ``app`` on ``host:port`` (IPv4 or IPv6); ``block=False`` returns at once (tests, notebooks).
 
-    No share link, no server-side rendering (it would need Node), no analytics. Downloads
-    live in the system's temporary folder, which Gradio serves without ``allowed_paths``.
+    No share link, no server-side rendering (it would need Node), no analytics, and nothing
+    printed: Gradio's banner suggests ``share=True``, which ``serve`` does not offer (it prints
+    its own line with ``app.local_url``). Downloads live in the system's temporary folder,
+    which Gradio serves without ``allowed_paths``.
     """
     return app.launch(
-        server_name=host,
+        server_name=url_host(host),
         server_port=port,
         share=False,
         ssr_mode=False,
@@ -466,7 +639,7 @@ def launch(
         max_file_size=MAX_UPLOAD,
         allowed_paths=allowed_paths,
         prevent_thread_lock=not block,
-        quiet=not block,
+        quiet=True,
     )
 
 
@@ -474,7 +647,7 @@ def launch(
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``maskdiffusion serve [--model ...] [--host 127.0.0.1] [--port 7860] [--device ...]``."""
+    """Add ``maskdiffusion serve [--model ...] [--host 127.0.0.1] [--port 7860] [--request-timeout 120] ...``."""
     from .cli import add_model_arguments
 
     serve = subparsers.add_parser("serve", help="start the web demo (needs: pip install 'maskdiffusion[web]')")
@@ -482,15 +655,39 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     serve.add_argument(
         "--host",
         default=DEFAULT_HOST,
-        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens it to the network)",
+        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; ::1 for IPv6; "
+        "0.0.0.0 opens it to the network)",
     )
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument(
+        "--request-timeout",
+        type=positive_seconds,
+        default=REQUEST_TIMEOUT,
+        help=f"seconds of work one request may take; longer ones stop with a message (default {REQUEST_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=InputLimits.max_pixels / 1e6,
+        help=f"refuse larger images, from their header (default {InputLimits.max_pixels / 1e6:g})",
+    )
     serve.set_defaults(run=cmd_serve)
     return serve
 
 
+def positive_seconds(text: str) -> float:
+    """``argparse`` type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the model, build the app and serve until interrupted."""
+    """Load the model, build the app and serve until Ctrl+C or SIGTERM; then remove the temporary files."""
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -498,11 +695,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from .pipeline import MaskDiffusion
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app")
-    segmenter = MaskDiffusion.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
-    )
-    print(f"{model_info(segmenter).replace('`', '')}; serving on http://{args.host}:{args.port}")
-    launch(build_app(segmenter), host=args.host, port=args.port)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop = Ctrl+C
+    folders = None
+    try:
+        segmenter = MaskDiffusion.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            limits=InputLimits(max_pixels=round(args.max_megapixels * 1e6)),
+        )
+        folders = RequestFolders()
+        app = build_app(segmenter, folders=folders, request_timeout=args.request_timeout)
+        try:
+            launch(app, host=args.host, port=args.port, block=False)
+        except OSError as error:
+            print(
+                f"error: cannot serve on {args.host} port {args.port} ({error}): the port is taken or the "
+                "address is not one of this machine's; choose another --port or --host",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{model_info(segmenter).splitlines()[0].replace('`', '')}; serving on {app.local_url} (Ctrl+C stops it)")
+        for warning in segmenter.warnings([]):
+            print(f"warning: {warning}")
+        sys.stdout.flush()
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("stopping the web demo")
+        app.close()
+    finally:
+        if folders is not None:
+            folders.close()
+        signal.signal(signal.SIGTERM, previous)
     return 0
