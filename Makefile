@@ -7,16 +7,21 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test lint browser clean
 
+# `make demo` needs only the package; `make test` adds the test, evaluation and web extras.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(BIN)/pip install -q -e ".[test,eval,web]"
 	touch $@
 
-demo: setup
+demo: $(VENV)/.base
 	HF_HUB_OFFLINE=1 $(BIN)/maskdiffusion demo
 
 lint: setup

@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -118,3 +119,121 @@ def test_tiny_random_alias_is_built_in_the_cache_on_first_use(images, tmp_path, 
     assert run("tiny-random", images[0], "--classes", "road, sky", "--out", out) == 0
     assert (out / "img0.labels.png").exists()
     assert (tmp_path / "cache" / "tiny-random-sd" / "unet").is_dir()
+
+
+def test_version_and_top_level_help_read_as_plain_text(capsys):
+    from maskdiffusion import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"maskdiffusion {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text  # no raw reStructuredText
+    for command in ("segment", "demo", "evaluate", "serve"):
+        assert command in text
+
+
+def every_parser_action():
+    from maskdiffusion.cli import build_parser
+
+    parsers = [("maskdiffusion", build_parser())]
+    for name, parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend((f"{name} {sub}", child) for sub, child in action.choices.items())
+            elif not isinstance(action, argparse._HelpAction):
+                yield name, action
+
+
+def test_every_flag_has_help_and_states_its_default():
+    for command, action in every_parser_action():
+        flag = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{command} {flag} has no help text"
+        silent_default = action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+        shown = "default" in action.help or "%(default)" in action.help
+        assert silent_default or shown or action.choices == [action.default], (
+            f"{command} {flag} does not say its default ({action.default!r})"
+        )
+
+
+def test_inputs_with_the_same_name_never_overwrite_each_other(tiny_model, tmp_path, rng, capsys):
+    paths = []
+    for folder, name in [("a", "x.png"), ("b", "x.png"), ("c", "x_2.png"), ("d", "X.png")]:
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / name)
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(paths[-1])
+    out = tmp_path / "out"
+    assert run(tiny_model, *paths, "--classes", "road, sky", "--out", out) == 0
+    sources = sorted(json.loads(p.read_text())["source"] for p in out.glob("*.json"))
+    assert sources == sorted(map(str, paths))  # four inputs, four output sets
+    assert "wrote 4" in capsys.readouterr().out
+
+
+def test_output_folder_problems_are_found_before_the_model_is_looked_up(images, tmp_path, capsys):
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    args = ["segment", str(images[0]), "--classes", "a, b", "--model", "nobody/not-cached"]
+    assert main([*args, "--out", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "file.txt" in err and "not in the local" not in err
+
+
+def test_missing_images_are_named_before_the_model_is_looked_up(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    missing = tmp_path / "nope.png"
+    code = main(["segment", str(missing), "--classes", "a, b", "--model", "nobody/not-cached", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "nope.png" in err and "does not exist" in err
+    assert "not in the local" not in err  # nothing to segment: the model was never looked up
+
+
+def test_settings_are_checked_before_the_model_is_looked_up(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    base = ["segment", str(images[0]), "--classes", "a, b", "--model", "nobody/not-cached", "--out", str(tmp_path)]
+    for flags, message in [(["--size", "100"], "size"), (["--background-threshold", "2"], "[-1, 1]")]:
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "not in the local" not in err
+
+
+def test_a_failed_write_leaves_no_partial_set_and_the_others_are_written(tiny_model, images, tmp_path, capsys):
+    from maskdiffusion import files
+
+    original = files._write_temp
+
+    def full_disk_for_img0_overlay(path, data):
+        if path.name == "img0.overlay.png":
+            raise OSError(28, "No space left on device")
+        return original(path, data)
+
+    out = tmp_path / "out"
+    files._write_temp = full_disk_for_img0_overlay
+    try:
+        code = run(tiny_model, *images, "--classes", "road, sky", "--out", out)
+    finally:
+        files._write_temp = original
+    err = capsys.readouterr().err
+    assert code == 1 and "img0.png" in err and "No space left on device" in err
+    assert sorted(p.name for p in out.iterdir()) == ["img1.json", "img1.labels.png", "img1.overlay.png"]
+
+
+def test_json_names_the_preset_and_says_the_weights_are_random(tiny_model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tiny_model, images[0], "--classes", "road, sky", "--out", out, "--timestep", "10") == 0
+    summary = json.loads((out / "img0.json").read_text())
+    assert summary["preset"] == "default"
+    assert any("random weights" in warning for warning in summary["warnings"])
+    assert "random weights" in capsys.readouterr().err
+
+
+def test_words_the_bundled_model_never_saw_are_named(images, tmp_path, capsys):
+    args = ["segment", str(images[0]), "--model", "toy", "--device", "cpu", "--quiet"]
+    assert main([*args, "--classes", "sky, building, grass", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "never saw 'sky', 'building'" in err and "'grass'" not in err.split("never saw")[1]
+    assert "never saw" in json.loads((tmp_path / "a" / "img0.json").read_text())["warnings"][0]
+    assert main([*args, "--classes", "grass, brick wall|wall, star", "--out", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "img0.json").read_text())["warnings"] == []

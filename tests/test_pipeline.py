@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from agreement import SCORE_TOLERANCE, assert_labels_equal_except_near_ties
 from PIL import Image
 
 from maskdiffusion import ImageLoadError, MaskDiffusion, Preset, VocabularyError
@@ -26,13 +27,22 @@ def test_result_shapes_follow_the_input_image(segmenter, rng):
 
 
 def test_batched_equals_one_by_one(segmenter, rng):
+    # Other batch shapes may change the last bits (other kernels): equal within SCORE_TOLERANCE,
+    # labels equal except where two classes tie within it.
     images = [picture(rng, 128, 128), picture(rng, 90, 300), picture(rng, 200, 150)]
     together = segmenter.segment_batch(images, CLASSES)
     for image, batched in zip(images, together, strict=True):
         alone = segmenter(image, CLASSES)
-        np.testing.assert_array_equal(alone.labels, batched.labels)
-        np.testing.assert_allclose(alone.scores, batched.scores, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(alone.attention, batched.attention, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(alone.scores, batched.scores, rtol=0, atol=SCORE_TOLERANCE)
+        np.testing.assert_allclose(alone.attention, batched.attention, rtol=1e-4, atol=1e-5)
+        assert_labels_equal_except_near_ties(batched.labels, alone.labels, alone.scores)
+
+
+def test_the_tie_tolerant_label_check_catches_real_differences(segmenter, rng):
+    result = segmenter(picture(rng, 64, 64), CLASSES)
+    wrong = (result.labels + 1) % len(CLASSES)  # what a bug (e.g. shuffled views) would give
+    with pytest.raises(AssertionError, match="labels differ"):
+        assert_labels_equal_except_near_ties(wrong, result.labels, result.scores)
 
 
 def test_same_input_gives_the_same_output(segmenter, rng):
@@ -77,10 +87,16 @@ def test_long_vocabulary_features_are_the_mean_over_prompt_passes(segmenter):
 
 def test_background_threshold_marks_low_scores_as_background(segmenter, rng):
     image = picture(rng, 64, 96)
-    result = segmenter(image, CLASSES, preset=segmenter.preset.replace(background_threshold=2.0))
-    assert (result.labels == -1).all()  # cosine scores never reach 2
-    assert (np.asarray(result.label_image()) == 255).all()
-    assert "background" in result.pixel_share()
+    plain = segmenter(image, CLASSES)
+    best = plain.scores.max(axis=0)
+    threshold = float(np.median(best))
+    result = segmenter(image, CLASSES, preset=segmenter.preset.replace(background_threshold=threshold))
+    low = best < threshold
+    assert 0 < low.mean() < 1
+    assert (result.labels[low] == -1).all()
+    assert (result.labels[~low] == plain.labels[~low]).all()
+    assert (np.asarray(result.label_image())[low] == 255).all()
+    assert result.pixel_share()["background"] == pytest.approx(low.mean())
 
 
 def test_preset_can_be_named_or_given_per_call(segmenter, rng):

@@ -7,11 +7,11 @@
 
 from .loading import DEFAULT_MODEL, ModelNotFoundError
 from .mask_head import mask_head
-from .pipeline import MaskDiffusion
+from .pipeline import MaskDiffusion, SegmentationCancelled
 from .presets import PRESETS, Preset
 from .prompts import VocabularyError
 from .result import Result
-from .views import ImageLoadError, load_image
+from .views import ImageLoadError, InputLimits, load_image
 
 __version__ = "0.1.0"
 
@@ -19,10 +19,12 @@ __all__ = [
     "DEFAULT_MODEL",
     "PRESETS",
     "ImageLoadError",
+    "InputLimits",
     "MaskDiffusion",
     "ModelNotFoundError",
     "Preset",
     "Result",
+    "SegmentationCancelled",
     "VocabularyError",
     "__version__",
     "load_image",

@@ -1,19 +1,47 @@
-"""Command line: ``maskdiffusion segment | demo | evaluate | serve`` (flags map onto a Preset, nothing more)."""
+"""The ``maskdiffusion`` command: segment images, run the offline demo, evaluate, serve the web demo.
+
+Flags map onto a Preset and nothing more; every check that needs no model runs before one
+is looked up.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from . import __version__
 from .loading import DEFAULT_MODEL, DTYPES, ModelNotFoundError
 from .presets import PRESETS, Preset
 from .prompts import ClassName, VocabularyError, parse_classes, read_class_file
+from .views import InputLimits
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DESCRIPTION = """\
+Open-vocabulary semantic segmentation with a frozen text-to-image diffusion model.
+
+commands:
+  segment   label images with any list of class names
+  demo      offline: the bundled toy model on held-out toy-world scenes
+  evaluate  score a model on a benchmark data set (resumable)
+  serve     start the local web demo
+
+examples:
+  maskdiffusion segment street.jpg --classes "road, traffic light, car, sky"
+  maskdiffusion segment photos/*.jpg --classes @classes.txt --out labels/
+  maskdiffusion demo
+  maskdiffusion evaluate --dataset toyworld --model toy
+
+Run 'maskdiffusion COMMAND --help' for a command's flags.
+"""
 
 
 def parse_class_argument(text: str) -> list[ClassName]:
@@ -21,6 +49,15 @@ def parse_class_argument(text: str) -> list[ClassName]:
     if text.startswith("@"):
         return read_class_file(text[1:])
     return parse_classes(text)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="where the model runs (default auto: cuda if available, then mps, then cpu)",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str = DEFAULT_MODEL) -> None:
@@ -31,12 +68,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
         help=f"hub id or diffusers folder (default: {default_model}; 'toy' = the bundled toy-world model, "
         "'tiny-random' = random test model)",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(parser)
     parser.add_argument(
         "--dtype",
         default="float32",
         choices=sorted(DTYPES),
-        help="model precision; on the CPU half precision runs as autocast",
+        help="model precision (default float32); on the CPU, half precision runs as autocast over float32 weights",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="views per UNet batch (default 4)")
 
@@ -47,13 +84,26 @@ def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         default="default",
         choices=sorted(PRESETS),
-        help="named settings (default: ours; 'reference' = the reference mask head)",
+        help="named settings of the model (default: default, the recommended ones; "
+        "reference = the MaskDiffusion paper's mask head); the flags below override single fields",
     )
-    parser.add_argument("--size", type=int, help="view short side in pixels, a multiple of 64 for SD (default 512)")
-    parser.add_argument("--timestep", type=int, help="UNet timestep of the single pass (default 0)")
-    parser.add_argument("--attention-mode", choices=["exp", "softmax"])
     parser.add_argument(
-        "--background-threshold", type=float, help="score under which a pixel is background (label 255 in PNGs)"
+        "--size",
+        type=int,
+        help="view short side in pixels, a multiple of the model's block size (64 for SD; default 512)",
+    )
+    parser.add_argument("--timestep", type=int, help="UNet timestep of the single pass (default 0 = the clean image)")
+    parser.add_argument(
+        "--attention-mode",
+        choices=["exp", "softmax"],
+        help="cross-attention as exp(QK^T*scale), the paper's choice, or softmax probabilities over the prompt "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        help="pixels whose best class score is under it get no class (255 in label PNGs); scores are cosines in "
+        "[-1, 1] (the reference preset's dot products are unbounded); default: off",
     )
     parser.add_argument("--refine-steps", type=int, help="prototype refinement rounds (default 0)")
 
@@ -78,24 +128,60 @@ def chosen_preset(segmenter, args: argparse.Namespace) -> Preset:
 def load_segmenter(args: argparse.Namespace):
     from .pipeline import MaskDiffusion
 
+    limits = InputLimits(max_pixels=int(getattr(args, "max_megapixels", 40) * 1e6))
     return MaskDiffusion.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, preset=args.preset
+        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, limits=limits
     )
 
 
+def check_overrides(args: argparse.Namespace) -> None:
+    """The command line's preset fields, checked before any model is looked up (``ValueError``)."""
+    PRESETS[args.preset].replace(**preset_overrides(args)).check()
+
+
 def unique_stems(paths: Sequence[str]) -> list[str]:
-    """Output names from input file names; repeated stems get ``_2``, ``_3``, ..."""
-    seen: dict[str, int] = {}
+    """Output names from input file names, never two alike (case-insensitively): ``x``, ``x_2``, ..."""
+    taken: set[str] = set()
     stems = []
     for path in paths:
-        stem = Path(path).stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        base = Path(path).stem or "image"
+        stem, number = base, 1
+        while stem.casefold() in taken:
+            number += 1
+            stem = f"{base}_{number}"
+        taken.add(stem.casefold())
+        stems.append(stem)
     return stems
 
 
+def check_out_dir(out: Path) -> None:
+    """Make sure ``out`` is (or can become) a writable folder, before a model is loaded (``OSError``)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
+
+
+def existing_images(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(paths that are files, messages for those that are not)``: reported before the model loads."""
+    found, problems = [], []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            problems.append(f"image {path!r} is a folder: pass its files (e.g. {os.path.join(path, '*.jpg')})")
+        else:
+            problems.append(f"image {path!r} does not exist: check the path")
+    return found, problems
+
+
 def segment_files(segmenter, images: Sequence[str], classes, preset: Preset, out: Path, *, quiet: bool = False) -> int:
-    """Segment ``images`` and write their outputs; returns how many failed."""
+    """Segment ``images`` and write their outputs; returns how many failed.
+
+    An unreadable image or one whose files cannot be written is reported by name and
+    counted; the others are still written.
+    """
     from tqdm.auto import tqdm
 
     from .views import ImageLoadError
@@ -103,26 +189,57 @@ def segment_files(segmenter, images: Sequence[str], classes, preset: Preset, out
     stems = unique_stems(images)
     failed = 0
     group = max(1, segmenter.batch_size)
+    warned = False
     with tqdm(total=len(images), desc="segmenting", unit="image", disable=quiet) as bar:
         for start in range(0, len(images), group):
             batch = list(images[start : start + group])
             results = segmenter.segment_batch(batch, classes, preset=preset, errors="return")
-            for stem, result in zip(stems[start : start + group], results, strict=True):
+            for path, stem, result in zip(batch, stems[start : start + group], results, strict=True):
+                bar.update(1)
                 if isinstance(result, ImageLoadError):
                     failed += 1
                     tqdm.write(f"error: {result}", file=sys.stderr)
-                else:
+                    continue
+                if not warned:
+                    for warning in result.warnings:
+                        tqdm.write(f"warning: {warning}", file=sys.stderr)
+                    warned = True
+                if stem != Path(path).stem:
+                    tqdm.write(f"note: {path!r} is written as {stem}.* (another input has its name)", file=sys.stderr)
+                try:
                     result.save(out, stem)
-                bar.update(1)
+                except OSError as error:
+                    failed += 1
+                    reason = error.strerror or str(error)
+                    tqdm.write(
+                        f"error: could not write the files of {path!r} into {str(out)!r}: {reason}", file=sys.stderr
+                    )
     return failed
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     classes = parse_class_argument(args.classes)
+    check_overrides(args)
+    out = Path(args.out)
+    try:
+        check_out_dir(out)
+    except OSError as error:
+        print(f"error: cannot write into --out {args.out!r}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
+    images, problems = existing_images(args.images)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not images:
+        print("error: none of the images exist; nothing to segment", file=sys.stderr)
+        return 1
     segmenter = load_segmenter(args)
     preset = chosen_preset(segmenter, args)
     segmenter.check_inputs(classes, preset)
-    failed = segment_files(segmenter, args.images, classes, preset, Path(args.out), quiet=args.quiet)
+    try:
+        failed = segment_files(segmenter, images, classes, preset, out, quiet=args.quiet) + len(problems)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the files in {args.out} are complete sets (NAME.json is written last)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     done = len(args.images) - failed
     print(f"wrote {done} segmentation(s) to {args.out}" + (f"; {failed} image(s) failed" if failed else ""))
     return 1 if failed else 0
@@ -156,7 +273,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdiffusion", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="maskdiffusion", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"maskdiffusion {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser("segment", help="segment images with a list of class names")
@@ -168,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("--out", default="maskdiffusion-out", help="output folder (default: maskdiffusion-out)")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=40,
+        help="refuse images with more pixels (default 40; each is checked from its header before decoding)",
+    )
     add_model_arguments(segment)
     add_preset_arguments(segment)
     segment.set_defaults(run=cmd_segment)
@@ -205,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except VocabularyError as error:
         parser.error(str(error))
     except ModelNotFoundError as error:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -19,10 +19,23 @@ from .mask_head import class_attention, mask_head, refine
 from .presets import Preset, resolve_preset
 from .prompts import ClassName, PromptBatch, build_prompts, parse_classes
 from .result import BACKGROUND, Result
-from .views import ImageInput, ImageLoadError, ViewLayout, load_image, resize_maps, upsample_rows
+from .views import (
+    DEFAULT_LIMITS,
+    ImageInput,
+    ImageLoadError,
+    InputLimits,
+    ViewLayout,
+    load_image,
+    resize_maps,
+    upsample_rows,
+)
 
 ClassesInput = str | Sequence[str | Sequence[str]]
 LABEL_ROWS = 256  # rows upsampled at a time when labelling, to bound memory on large images
+
+
+class SegmentationCancelled(RuntimeError):
+    """``segment_batch``'s ``cancel`` callback asked to stop (a deadline, a client that left)."""
 
 
 @dataclass
@@ -93,6 +106,7 @@ class MaskDiffusion:
         preset: str | Preset | None = None,
         batch_size: int = 4,
         cache_size: int = 32,
+        limits: InputLimits = DEFAULT_LIMITS,
     ):
         self.vae = components.vae
         self.unet = components.unet
@@ -100,6 +114,7 @@ class MaskDiffusion:
         self.tokenizer = components.tokenizer
         self.alphas_cumprod = components.alphas_cumprod
         self.presets = components.presets
+        self.card = components.card
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
@@ -109,6 +124,7 @@ class MaskDiffusion:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.latent_cache = LatentCache(cache_size)
+        self.limits = limits
 
     @classmethod
     def from_pretrained(
@@ -120,6 +136,7 @@ class MaskDiffusion:
         preset: str | Preset | None = None,
         batch_size: int = 4,
         cache_size: int = 32,
+        limits: InputLimits = DEFAULT_LIMITS,
         local_files_only: bool | None = None,
     ) -> MaskDiffusion:
         """Load a Stable Diffusion 1.x/2.x model (hub id, folder, or ``tiny-random``).
@@ -132,6 +149,7 @@ class MaskDiffusion:
             preset: default settings of this segmenter (name or :class:`Preset`).
             batch_size: views per UNet batch.
             cache_size: images whose VAE latents are kept for re-queries (LRU; 0 = off).
+            limits: pixel count and aspect ratio an input image may have (:class:`InputLimits`).
         """
         device = pick_device(device)
         dtype = pick_dtype(dtype)
@@ -146,6 +164,7 @@ class MaskDiffusion:
             preset=preset,
             batch_size=batch_size,
             cache_size=cache_size,
+            limits=limits,
         )
 
     # -- inputs --------------------------------------------------------------------
@@ -160,8 +179,43 @@ class MaskDiffusion:
                 f"size {chosen.size} is not a multiple of {self.layout.block}, the block size of this model; "
                 f"use e.g. {max(self.layout.block, round(chosen.size / self.layout.block) * self.layout.block)}"
             )
+        steps = len(self.alphas_cumprod)
+        if chosen.timestep >= steps:
+            raise ValueError(f"timestep {chosen.timestep} is past this model's noise schedule: use 0 to {steps - 1}")
         self.layout.select(chosen.attention_factors)
         return chosen
+
+    def preset_name(self, preset: Preset) -> tuple[str, dict]:
+        """The named preset ``preset`` is closest to, and the fields it changes: for JSON records."""
+
+        def changes(name: str) -> dict:
+            base = self.presets[name].to_dict()
+            return {k: v for k, v in preset.to_dict().items() if base[k] != v}
+
+        name = min(self.presets, key=lambda n: (len(changes(n)), n != "default"))
+        return name, changes(name)
+
+    def warnings(self, vocabulary: Sequence[ClassName]) -> list[str]:
+        """What a user must know before trusting this model's labels for ``vocabulary``."""
+        notes = []
+        if self.card.random_weights:
+            notes.append(
+                f"model {self.model_id!r} has random weights (a test model): its labels are meaningless; "
+                "use a trained model (--model toy, or a Stable Diffusion id or folder)"
+            )
+        if self.card.vocabulary is not None:
+            known = {" ".join(word.casefold().split()) for word in self.card.vocabulary}
+            unseen = [
+                c.name for c in vocabulary if not any(" ".join(w.casefold().split()) in known for w in c.synonyms)
+            ]
+            if unseen:
+                notes.append(
+                    f"model {self.model_id!r} was trained on these words only: {', '.join(self.card.vocabulary)}; "
+                    f"it never saw {', '.join(repr(name) for name in unseen[:10])}"
+                    + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+                    + ": their labels are guesses"
+                )
+        return notes
 
     def check_inputs(self, classes: ClassesInput, preset: str | Preset | None) -> tuple[list[ClassName], Preset]:
         """Validate the class list and settings before any model work."""
@@ -228,7 +282,13 @@ class MaskDiffusion:
         return attention.cpu(), features.cpu()
 
     def _finish(
-        self, item: _Pending, vocabulary: list[ClassName], weights: torch.Tensor, preset: Preset, keep_features: bool
+        self,
+        item: _Pending,
+        vocabulary: list[ClassName],
+        weights: torch.Tensor,
+        preset: Preset,
+        keep_features: bool,
+        warnings: list[str],
     ) -> Result:
         """Stitch an image's views and run the mask head: the image's :class:`Result`."""
         start = time.perf_counter()
@@ -257,6 +317,8 @@ class MaskDiffusion:
             model=self.model_id,
             source=item.source,
             timings={"seconds": round(item.seconds, 4)},
+            preset_name=self.preset_name(preset)[0],
+            warnings=list(warnings),
             runtime={
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
@@ -272,8 +334,9 @@ class MaskDiffusion:
         *,
         preset: str | Preset | None = None,
         errors: str = "raise",
-        progress: object | None = None,
+        progress: Callable[[Result | ImageLoadError], object] | None = None,
         keep_features: bool = False,
+        cancel: Callable[[], bool] | None = None,
     ) -> list[Result | ImageLoadError]:
         """Segment several images with one class list; their views share UNet batches.
 
@@ -286,6 +349,9 @@ class MaskDiffusion:
                 the :class:`ImageLoadError` in that image's place and goes on.
             progress: optional callable, called with each finished item.
             keep_features: also return each image's stitched features (``Result.features``).
+            cancel: optional callable asked before every batch of views; when it returns true
+                the call stops with :class:`SegmentationCancelled` (results so far went to
+                ``progress``).
 
         Returns:
             One :class:`Result` (or error) per image, in order.
@@ -298,6 +364,7 @@ class MaskDiffusion:
         used = weights.sum(dim=0) > 0
         weights = weights[:, used]
         text = self.encode_prompts(prompts)
+        warnings = self.warnings(vocabulary)
         unit = max(self.layout.block, preset.attention_factor, preset.feature_factor)
 
         results: list[Result | ImageLoadError | None] = [None] * len(images)
@@ -306,7 +373,7 @@ class MaskDiffusion:
         for index, image in enumerate(images):
             source = str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
             try:
-                picture = load_image(image)
+                picture = load_image(image, limits=self.limits)
             except ImageLoadError as error:
                 if errors == "raise":
                     raise
@@ -324,6 +391,8 @@ class MaskDiffusion:
 
         crops: dict[int, torch.Tensor] = {}
         for start in range(0, len(queue), self.batch_size):
+            if cancel is not None and cancel():
+                raise SegmentationCancelled(f"stopped after {start} of {len(queue)} views")
             chunk = queue[start : start + self.batch_size]
             began = time.perf_counter()
             self._encode_missing(chunk, crops)
@@ -337,7 +406,7 @@ class MaskDiffusion:
                 item.seconds += share
             while pending and len(pending[0].attention) == len(pending[0].layout.offsets):
                 done = pending.pop(0)
-                results[done.index] = self._finish(done, vocabulary, weights, preset, keep_features)
+                results[done.index] = self._finish(done, vocabulary, weights, preset, keep_features, warnings)
                 if progress:
                     progress(results[done.index])
         return results  # type: ignore[return-value]

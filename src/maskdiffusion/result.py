@@ -34,6 +34,9 @@ class Result:
         grid_scores: ``(C, hf, wf)`` float32 class scores on the feature grid.
         features: ``(D, hf, wf)`` float32 stitched UNet features on the feature grid, kept
             only when asked for (``keep_features=True``), e.g. for clustering.
+        preset_name: the named preset ``preset`` is (or is closest to; JSON lists the changes).
+        warnings: what the user must know to read the result (random weights, words the
+            model never saw); also in the JSON and printed by the command line.
     """
 
     classes: list[str]
@@ -48,6 +51,8 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     runtime: dict[str, object] = field(default_factory=dict)
     features: torch.Tensor | None = None
+    preset_name: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @cached_property
     def scores(self) -> np.ndarray:
@@ -94,10 +99,12 @@ class Result:
             "source": self.source,
             "image_size": [self.image.width, self.image.height],
             "model": self.model,
+            "warnings": self.warnings,
             "classes": [{"index": i, "name": c.name, "words": list(c.synonyms)} for i, c in enumerate(self.vocabulary)],
             "palette": self.palette.tolist(),
             "background_label": PNG_BACKGROUND if len(self.classes) < PNG_BACKGROUND else 65535,
             "pixel_share": self.pixel_share(),
+            "preset": self.preset_name,
             "settings": {**self.preset.to_dict(), **self.runtime},
             "timings": self.timings,
         }
@@ -105,12 +112,22 @@ class Result:
     def save(self, out_dir: str | os.PathLike, name: str | None = None) -> dict[str, Path]:
         """Write ``NAME.labels.png``, ``NAME.overlay.png`` and ``NAME.json`` into ``out_dir``.
 
-        ``name`` defaults to the source file's stem. Each file is written atomically.
+        ``name`` defaults to the source file's stem. The three are written as a set (all or
+        none, the JSON renamed into place last): an interrupt or a full disk never leaves an
+        image with only some of its files.
         """
         out = Path(out_dir)
         stem = name or (Path(self.source).stem if self.source else "image")
-        return {
-            "labels": files.write_image(out / f"{stem}.labels.png", self.label_image()),
-            "overlay": files.write_image(out / f"{stem}.overlay.png", self.overlay()),
-            "json": files.write_json(out / f"{stem}.json", self.summary()),
+        paths = {
+            "labels": out / f"{stem}.labels.png",
+            "overlay": out / f"{stem}.overlay.png",
+            "json": out / f"{stem}.json",
         }
+        files.write_files(
+            {
+                paths["labels"]: files.image_bytes(self.label_image()),
+                paths["overlay"]: files.image_bytes(self.overlay()),
+                paths["json"]: files.json_bytes(self.summary()),
+            }
+        )
+        return paths

@@ -722,8 +722,13 @@ def export_model(folder: Path, vae, unet, text, *, preset: dict | None = None, n
     save_model_index(staging)
     chosen = dict(preset or RECOMMENDED_PRESET)
     # ``presets`` is what maskdiffusion.loading reads (field overrides per named preset);
-    # ``preset`` repeats the recommended settings on their own.
-    info: dict = {"preset": chosen, "presets": {"default": chosen, "reference": dict(REFERENCE_PRESET)}}
+    # ``preset`` repeats the recommended settings on their own; ``vocabulary`` is the model
+    # card's list of the words it was trained on (warnings for any other word).
+    info: dict = {
+        "preset": chosen,
+        "presets": {"default": chosen, "reference": dict(REFERENCE_PRESET)},
+        "vocabulary": list(CLASS_NAMES),
+    }
     if notes:
         info["notes"] = notes
     (staging / "maskdiffusion.json").write_text(json.dumps(info, indent=2))
