@@ -213,3 +213,23 @@ def test_the_171_coco_stuff_names_each_get_a_map(segmenter, rng):
     result = segmenter(picture(rng, 64, 64), list(COCOSTUFF171_CLASSES), preset=segmenter.preset.replace(size=64))
     assert result.attention.shape == (171, 4, 4)
     assert np.isfinite(result.attention).all() and np.allclose(result.attention.max(axis=(1, 2)), 1.0)
+
+
+def test_cancel_stops_between_batches_and_keeps_finished_results(segmenter, rng):
+    from maskdiffusion import SegmentationCancelled
+
+    images = [picture(rng, 64, 64) for _ in range(5)]  # batch_size 3: two batches of views
+    asked, finished = [], []
+    with pytest.raises(SegmentationCancelled, match="3 of 5 views"):
+        segmenter.segment_batch(
+            images, CLASSES, cancel=lambda: asked.append(1) or len(asked) > 1, progress=finished.append
+        )
+    assert len(asked) == 2 and len(finished) == 3  # the first batch's images were finished and reported
+    assert len(segmenter.segment_batch(images, CLASSES, cancel=lambda: False)) == 5
+
+
+def test_results_name_their_preset(segmenter, rng):
+    image = picture(rng, 64, 64)
+    assert segmenter(image, CLASSES, preset="reference").preset_name == "reference"
+    assert segmenter(image, CLASSES, preset=segmenter.preset.replace(timestep=5)).preset_name == "default"
+    assert segmenter(image, CLASSES, preset="reference").summary()["preset"] == "reference"
