@@ -118,9 +118,11 @@ def test_segmenting_shows_overlay_legend_heatmaps_and_downloads_the_labels(brows
     street = Path(web.example_rows()[0][0])
     expect(page.locator("#model-info")).to_contain_text("tiny-random")
     expect(page.locator("#model-info")).to_contain_text("float32")
+    expect(page.locator("#model-info")).to_contain_text("Random weights: this is a test model")
     submit(page, street, CLASSES)
 
     expect(page.locator("#status")).to_contain_text("Segmented street.png (480x320) into 5 classes")
+    expect(page.locator("#status")).to_contain_text("random weights (a test model): its labels are meaningless")
     overlay = page.locator("#overlay img")
     expect(overlay).to_be_visible()
     # the overlay is the image plus a legend panel on its right

@@ -63,6 +63,7 @@ DEFAULT_PORT = 7860
 SIZE_RANGE = (64, 1024)  # the size slider's range; its step is the model's block size
 COSINE_RANGE = (-1.0, 1.0)  # scores of presets with normalised prototypes; a threshold outside is meaningless
 REQUEST_TIMEOUT = 120.0  # seconds of work one request may take before it is stopped (serve --request-timeout)
+HEARTBEAT_SECONDS = 3  # how often Gradio writes to each page's event stream, and so finds closed ones
 NO_IMAGE = "no image: upload one or pick an example below"
 
 
@@ -490,6 +491,9 @@ def build_app(
         :func:`launch`.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local demo
+    # Gradio notices a closed page when it next writes to its event stream: a heartbeat every
+    # few seconds (its default is 15) bounds how long a departed client's work goes on.
+    os.environ.setdefault("GRADIO_HEARTBEAT_INTERVAL", str(HEARTBEAT_SECONDS))
     import gradio as gr
 
     folders = folders or RequestFolders()
