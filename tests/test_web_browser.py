@@ -163,8 +163,11 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(browser, tmp_pat
     submit(page, broken, "sky, sea")
     expect(status).to_contain_text("cannot read image 'holiday.png'")
 
-    submit(page, Path(web.example_rows()[1][0]), "sky, sea, sand")
+    page.locator("#examples tbody tr").nth(1).click()  # the beach example: its image and classes
+    expect(page.locator("#classes textarea")).to_have_value(web.example_rows()[1][1])
+    page.click("#segment-button")
     expect(status).to_contain_text("Segmented beach.png")
+    expect(status).to_contain_text(f"into {len(web.example_rows()[1][1].split(','))} classes")
     expect(status).to_contain_text("size 128")
     expect(page.locator("#overlay img")).to_be_visible()
     assert outside == []

@@ -562,7 +562,7 @@ def build_app(
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
                 status = gr.Markdown(elem_id="status")
                 if examples:
-                    gr.Examples(examples, inputs=[image, classes], label="Examples")
+                    gr.Examples(examples, inputs=[image, classes], label="Examples", elem_id="examples")
             with gr.Column(scale=2):
                 overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
                 legend = gr.HTML(elem_id="legend")
