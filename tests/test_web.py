@@ -4,6 +4,7 @@ import argparse
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +148,12 @@ def test_upload_messages_name_the_file_never_the_server_path(segmenter, tmp_path
 def test_a_name_with_folders_is_shown_without_them(segmenter, photo):
     response = request(segmenter, photo, name="../../etc/street.png")
     assert response.ok and "Segmented street.png" in response.message and "etc" not in response.message
+
+
+def test_an_odd_upload_name_still_names_the_downloads(segmenter, photo, tmp_path):
+    response = request(segmenter, photo, name="bad\x00\nname" + "x" * 300 + ".png", out_dir=tmp_path / "out")
+    assert response.ok and "badname" in response.message and "\x00" not in response.message
+    assert all(len(path.name) < 120 and path.exists() for path in map(Path, response.downloads))
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding(segmenter, tmp_path):

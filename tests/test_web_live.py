@@ -24,7 +24,7 @@ from maskdiffusion import SegmentationCancelled, web
 
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")
 BATCH_SECONDS = 0.25  # each batch of one view
-DEADLINE = 3.0  # the app's request timeout: a wide image (~18 batches, 4.5 s) passes it, a small one (1 view) does not
+DEADLINE = 3.0  # request timeout: the wide image (~18 batches, 4.5 s) passes it; earlier stops are the client's
 CLASSES = "sky, road"
 
 
@@ -184,7 +184,7 @@ def test_cancelled_request_stops_its_work_and_the_next_is_served(live, client):
     job.cancel()
     left = time.monotonic()
     how, when = probe.wait_for_end(before + 1, timeout=DEADLINE)
-    assert how == "cancelled" and when - left < 2 * BATCH_SECONDS + 1, "the work went on after the client left"
+    assert how == "cancelled" and when - left < 2.0, f"the work went on {when - left:.1f} s after the client left"
     status, overlay, *_ = segment(client, images["small"])
     assert status.startswith("Segmented small.png") and overlay is not None
 
@@ -213,7 +213,7 @@ def test_request_whose_client_disconnects_stops_its_work(live, client):
         wait_for_batches(probe, batches + 1)
     left = time.monotonic()  # the stream is closed: the client has gone
     how, when = probe.wait_for_end(before + 1, timeout=DEADLINE + 2)
-    assert how == "cancelled" and when - left < 1.5, f"the work went on {when - left:.1f} s after the client left"
+    assert how == "cancelled" and when - left < 2.0, f"the work went on {when - left:.1f} s after the client left"
     status, overlay, *_ = segment(client, images["small"])
     assert status.startswith("Segmented small.png") and overlay is not None
 

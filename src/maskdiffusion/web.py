@@ -212,14 +212,18 @@ def segment_request(
 
     start = time.perf_counter()
     is_file = isinstance(image, (str, os.PathLike))
-    given = Path(name or (image if is_file else "")).name  # a name only, never a folder of the server
+    given = _file_name(name or (image if is_file else ""))
     name = given or "the image"
     if image is None:
         return WebResponse.error(NO_IMAGE)
+    stopped_by: list[str] = []
 
     def cancel() -> bool:
-        over_time = timeout is not None and time.perf_counter() - start > timeout
-        return over_time or (client_gone is not None and client_gone())
+        if timeout is not None and time.perf_counter() - start > timeout:
+            stopped_by.append("deadline")
+        elif client_gone is not None and client_gone():
+            stopped_by.append("client")
+        return bool(stopped_by)
 
     try:
         vocabulary, preset = segmenter.check_inputs(
@@ -230,7 +234,7 @@ def segment_request(
     except (VocabularyError, ImageLoadError) as error:
         return WebResponse.error(_hide_path(str(error), image, name))
     except SegmentationCancelled:
-        if client_gone is not None and client_gone():
+        if stopped_by == ["client"]:
             log.info("stopped a request whose client has gone")
             return WebResponse.error("the client has gone; the request was stopped")
         return WebResponse.error(
@@ -275,6 +279,16 @@ def segment_request(
 def _escape(text: str) -> str:
     """User text (file and class names) for Markdown: no HTML gets through."""
     return html.escape(text, quote=False)
+
+
+def _file_name(path: str | os.PathLike) -> str:
+    """The last part of a path the user gave, printable characters only and at most 100 of them.
+
+    It names the image in messages and its downloads, so never a folder of the server, and
+    nothing that cannot be a file name.
+    """
+    name = "".join(character for character in Path(path).name if character.isprintable())
+    return name if len(name) <= 100 else f"{name[:60]}…{name[-39:]}"
 
 
 def _short(value: Any, limit: int = 40) -> str:
