@@ -60,6 +60,32 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_limits_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-megapixels``: the input limit of every command that reads user images."""
+    parser.add_argument(
+        "--max-megapixels",
+        type=positive_number,
+        default=InputLimits.max_pixels / 1e6,
+        help=f"refuse larger images, checked from their header before decoding "
+        f"(default {InputLimits.max_pixels / 1e6:g}); images may also be at most {InputLimits.max_aspect:g}:1",
+    )
+
+
+def input_limits(args: argparse.Namespace) -> InputLimits:
+    return InputLimits(max_pixels=round(args.max_megapixels * 1e6))
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str = DEFAULT_MODEL) -> None:
     """Flags shared by every command that loads a model."""
     parser.add_argument(
@@ -128,7 +154,7 @@ def chosen_preset(segmenter, args: argparse.Namespace) -> Preset:
 def load_segmenter(args: argparse.Namespace):
     from .pipeline import MaskDiffusion
 
-    limits = InputLimits(max_pixels=int(getattr(args, "max_megapixels", 40) * 1e6))
+    limits = input_limits(args) if hasattr(args, "max_megapixels") else InputLimits()
     return MaskDiffusion.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, limits=limits
     )
@@ -288,12 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("--out", default="maskdiffusion-out", help="output folder (default: maskdiffusion-out)")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
-    segment.add_argument(
-        "--max-megapixels",
-        type=float,
-        default=40,
-        help="refuse images with more pixels (default 40; each is checked from its header before decoding)",
-    )
+    add_limits_argument(segment)
     add_model_arguments(segment)
     add_preset_arguments(segment)
     segment.set_defaults(run=cmd_segment)

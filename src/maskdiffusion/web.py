@@ -41,7 +41,7 @@ from PIL import Image
 from . import files, visualize
 from .presets import Preset
 from .prompts import ClassName, VocabularyError, parse_classes
-from .views import ImageLoadError, InputLimits, load_image
+from .views import ImageLoadError, load_image
 
 if TYPE_CHECKING:
     import gradio
@@ -666,7 +666,7 @@ def launch(
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``maskdiffusion serve [--model ...] [--host 127.0.0.1] [--port 7860] [--request-timeout 120] ...``."""
-    from .cli import add_model_arguments
+    from .cli import add_limits_argument, add_model_arguments
 
     serve = subparsers.add_parser("serve", help="start the web demo (needs: pip install 'maskdiffusion[web]')")
     add_model_arguments(serve)
@@ -683,12 +683,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=REQUEST_TIMEOUT,
         help=f"seconds of work one request may take; longer ones stop with a message (default {REQUEST_TIMEOUT:g})",
     )
-    serve.add_argument(
-        "--max-megapixels",
-        type=float,
-        default=InputLimits.max_pixels / 1e6,
-        help=f"refuse larger images, from their header (default {InputLimits.max_pixels / 1e6:g})",
-    )
+    add_limits_argument(serve)
     serve.set_defaults(run=cmd_serve)
     return serve
 
@@ -711,6 +706,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: the web demo needs Gradio: pip install 'maskdiffusion[web]'", file=sys.stderr)
         return 1
+    from .cli import input_limits
     from .pipeline import MaskDiffusion
 
     if not is_loopback(args.host):
@@ -723,7 +719,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             batch_size=args.batch_size,
-            limits=InputLimits(max_pixels=round(args.max_megapixels * 1e6)),
+            limits=input_limits(args),
         )
         folders = RequestFolders()
         app = build_app(segmenter, folders=folders, request_timeout=args.request_timeout)
