@@ -284,6 +284,28 @@ def test_runs_killed_at_any_point_end_with_the_same_metrics(
     assert results_of(resumed) == results_of(request.getfixturevalue(straight)[1])
 
 
+def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes_to_the_same_metrics(
+    reference_run, data, tiny_model, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "interrupted"
+
+    def ctrl_c(pid, sig):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setenv(KILL_ENV, "3")  # Ctrl-C where the killed run dies: group 2 scored, not yet saved
+        patch.setattr(evaluation.os, "kill", ctrl_c)
+        assert cli.main(base_args(data, tiny_model, out)) == 130
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert [line for line in error.splitlines() if "interrupted" in line] == [
+        f"interrupted; 2 image(s) checkpointed in {out}; run the same command again to resume"
+    ]
+    code, resumed = run_cli(base_args(data, tiny_model, out))
+    assert code == 0 and resumed["runtime"]["resumed"]
+    assert results_of(resumed) == results_of(reference_run[1])
+
+
 def test_run_dir_with_other_settings_is_refused(reference_run, data, tiny_model, capsys):
     out, _ = reference_run
     before = (out / "metrics.json").read_text()

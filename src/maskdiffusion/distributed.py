@@ -8,12 +8,19 @@ only GPU tensors.
 
 Processes come from ``torchrun`` / ``accelerate launch`` (which set ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or from :func:`spawn`
-(``--num-processes N``: N local workers meeting through a rendezvous file).
+(``--num-processes N``: N local workers meeting through a rendezvous file). Spawned workers
+leave Ctrl-C to the parent, which stops them, and they end with the parent even when it is
+killed outright (:func:`die_with_parent`), so no orphan keeps a GPU busy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -139,11 +146,63 @@ class Comm:
         return box[0]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_INTERVAL = 1.0  # seconds between parent checks where prctl is missing
+
+
+def _parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent exits; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCH_INTERVAL)
+    os._exit(1)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when process ``parent`` (its parent) ends, however it ends.
+
+    Linux: the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``). Elsewhere a daemon thread
+    checks every second whether the process was re-parented (POSIX); where that cannot be
+    seen (Windows) it does nothing. A parent already gone before this call is caught too.
+    The worker's state on disk is checkpointed atomically, so being killed loses nothing.
+    """
+    if not _parent_death_signal(signal.SIGKILL):
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def spawn(worker: Callable[..., None], num_processes: int, args: tuple) -> None:
     """Run ``worker(local_rank, *args)`` in ``num_processes`` fresh local processes and wait.
 
-    A failing worker raises here (``torch.multiprocessing.ProcessRaisedException``).
+    The workers start with SIGINT ignored: Ctrl-C (sent by a terminal to every process of the
+    group) is handled here alone, by stopping them (SIGTERM; their checkpoints are atomic) and
+    raising ``KeyboardInterrupt`` once they are gone. A failing worker raises here
+    (``torch.multiprocessing.ProcessRaisedException`` / ``ProcessExitedException``).
     """
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=args, nprocs=num_processes, join=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        context = mp.start_processes(worker, args=args, nprocs=num_processes, join=False, start_method="spawn")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        while not context.join():
+            pass
+    except KeyboardInterrupt:
+        for process in context.processes:
+            process.terminate()
+        for process in context.processes:
+            process.join()
+        raise

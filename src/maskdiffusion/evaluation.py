@@ -44,7 +44,7 @@ from PIL import Image
 from . import files
 from .clustering import cluster_scores, kmeans, labels_from_scores, per_image_clusters, sample_pixels, stable_seed
 from .datasets import Dataset, DatasetError, available_datasets, build_dataset
-from .distributed import Comm, backend_for, init_process_group, launched_by_env, shutdown, spawn
+from .distributed import Comm, backend_for, die_with_parent, init_process_group, launched_by_env, shutdown, spawn
 from .metrics import ConfusionMatrix, clusters_to_classes, hungarian_match, relabel, scores
 from .presets import Preset
 from .prompts import parse_classes
@@ -53,6 +53,7 @@ from .runstate import (
     CENTROIDS_FILE,
     RunDirError,
     ShardState,
+    checkpointed,
     prepare_run_dir,
     read_arrays,
     safe_name,
@@ -692,6 +693,7 @@ def evaluate(
 # -- command line ----------------------------------------------------------------------
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def int_at_least(minimum: int):
@@ -875,10 +877,14 @@ def _run(args: argparse.Namespace, device: str) -> dict[str, Any]:
     )
 
 
-def _worker(local_rank: int, args: argparse.Namespace, world_size: int, init_file: str, threads: int) -> None:
-    """One ``--num-processes`` worker; usage errors exit 2 (reported by rank 0 only)."""
+def _worker(
+    local_rank: int, args: argparse.Namespace, world_size: int, init_file: str, threads: int, parent: int
+) -> None:
+    """One ``--num-processes`` worker; usage errors exit 2 (reported by rank 0 only). It ends
+    with its parent process, even one killed outright."""
     from .loading import ModelNotFoundError
 
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     try:
         device = _device_for(args.device, local_rank, world_size)
@@ -909,10 +915,34 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``maskdiffusion evaluate``: one process, ``--num-processes N`` local workers, or a torchrun rank."""
+    """``maskdiffusion evaluate``: one process, ``--num-processes N`` local workers, or a torchrun rank.
+
+    Ctrl-C ends it with one line saying what is kept, and exit code 130.
+    """
     launch = launched_by_env()
+    try:
+        if args.dataset == GATE_DATASET:
+            return _cmd_gate(args, launch)
+        return _cmd_dataset(args, launch)
+    except KeyboardInterrupt:
+        if launch is None or launch.rank == 0:
+            print(_interrupted(args), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves, and how to go on."""
     if args.dataset == GATE_DATASET:
-        return _cmd_gate(args, launch)
+        return f"interrupted; the {GATE_DATASET} gate keeps no checkpoints: run the same command again to recompute it"
+    if not args.out:
+        return "interrupted before the run started; nothing was written"
+    scored, pooled = checkpointed(Path(args.out))
+    kept = f"{scored} image(s)" if scored or not pooled else f"{pooled} image(s) of pass 1 (feature pooling)"
+    return f"interrupted; {kept} checkpointed in {args.out}; run the same command again to resume"
+
+
+def _cmd_dataset(args: argparse.Namespace, launch) -> int:
+    """``evaluate`` on a data set read from disk."""
     try:
         if launch is not None and args.num_processes > 1:
             raise ValueError(
@@ -1009,7 +1039,8 @@ def _run_spawned(args: argparse.Namespace) -> int:
     threads = max(1, torch.get_num_threads() // args.num_processes)
     with tempfile.TemporaryDirectory(prefix="maskdiffusion-rendezvous-") as folder:
         try:
-            spawn(_worker, args.num_processes, (args, args.num_processes, str(Path(folder) / "init"), threads))
+            init = str(Path(folder) / "init")
+            spawn(_worker, args.num_processes, (args, args.num_processes, init, threads, os.getpid()))
         except ProcessExitedException as error:
             return EXIT_USAGE if error.exit_code == EXIT_USAGE else 1
         except ProcessRaisedException as error:

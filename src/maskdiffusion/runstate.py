@@ -106,6 +106,19 @@ def state_path(out_dir: Path, rank: int, world_size: int) -> Path:
     return Path(out_dir) / f"state.rank{rank}of{world_size}.json"
 
 
+def checkpointed(out_dir: Path) -> tuple[int, int]:
+    """``(scored, pooled)``: samples the shard states in ``out_dir`` hold as scored (or failed),
+    and as pooled in pass 1 of dataset-level clustering. Unreadable states count as none."""
+    scored = pooled = 0
+    for path in Path(out_dir).glob("state.rank*of*.json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            scored, pooled = scored + len(data["done"]), pooled + len(data["pooled"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return scored, pooled
+
+
 @dataclass
 class ShardState:
     """One shard's progress; everything a restart needs to go on exactly.
