@@ -247,12 +247,20 @@ def _finish(
     )
 
 
+def _read_lines(name: str, path: Path, layout: str, what: str) -> list[str]:
+    """The lines of a text file of the data set (a list of ids, of classes); DatasetError naming it."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise _error(name, f"cannot read {what} {path}: {error.strerror or error}", layout, [path.parent]) from None
+    except UnicodeDecodeError as error:
+        problem = f"{what} {path} is not UTF-8 text (byte {error.start}): it must hold one entry per line"
+        raise _error(name, problem, layout, [path.parent]) from None
+
+
 def _read_id_list(name: str, path: Path, layout: str) -> list[str]:
     """Ids from a list file, one per line; extensions and folders are stripped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise _error(name, f"cannot read list file {path}: {error.strerror}", layout, [path.parent]) from None
+    lines = _read_lines(name, path, layout, "list file")
     return list(dict.fromkeys(Path(line.strip()).stem for line in lines if line.strip()))
 
 
@@ -824,7 +832,7 @@ FOLDER_LAYOUT = """\
 def _folder(root: Path, split: str) -> Dataset:
     name = "folder"
     base = _locate(name, root, (), ("images", "labels", "classes.txt"), FOLDER_LAYOUT)
-    lines = (base / "classes.txt").read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(name, base / "classes.txt", FOLDER_LAYOUT, "class list")
     while lines and not lines[-1].strip():
         lines.pop()
     classes = [" ".join(line.split()) for line in lines]
