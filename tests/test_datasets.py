@@ -451,3 +451,11 @@ def test_a_dataset_survives_pickling_for_worker_processes(tmp_path):
     clone = pickle.loads(pickle.dumps(dataset))
     assert clone.sample_ids == dataset.sample_ids
     np.testing.assert_array_equal(clone.load(0).label, dataset.load(0).label)
+
+
+def test_potsdam3_without_scipy_says_how_to_install_it(tmp_path, monkeypatch):
+    root = make_potsdam_mat(tmp_path, [[0]])
+    real = datasets.importlib.util.find_spec
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None if name == "scipy" else real(name))
+    with pytest.raises(DatasetError, match=r"scipy.*maskdiffusion\[eval\]"):
+        build_dataset("potsdam3", root)

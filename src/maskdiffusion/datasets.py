@@ -17,6 +17,7 @@ Other modules add data sets with :func:`register_dataset` (e.g. the bundled mode
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -780,6 +781,10 @@ def _decode_isprs_colours(path: Path) -> np.ndarray:
 
 def _potsdam3(root: Path, split: str) -> Dataset:
     name = "potsdam3"
+    if importlib.util.find_spec("scipy") is None:
+        raise DatasetError(
+            f"{name} reads its .mat tiles with scipy, which is not installed: pip install 'maskdiffusion[eval]'"
+        )
     base = _locate(name, root, ("potsdam",), ("imgs",), POTSDAM3_LAYOUT)
     _check_split(name, split, tuple(_POTSDAM3_SPLITS))
     ids: list[str] = []
