@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folder_data import folder_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -90,10 +91,7 @@ def check_dataset(name: str, root: Path, **options) -> None:
 @given(labels=st.lists(GARBAGE, min_size=1, max_size=3), images=st.lists(GARBAGE, min_size=3, max_size=3))
 def test_folder_data_set_with_garbage_labels_and_images(labels, images):
     with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        (root / "images").mkdir()
-        (root / "labels").mkdir()
-        (root / "classes.txt").write_text("grass\nsky|heaven\ncow\n")
+        root = folder_dataset(Path(folder) / "data", "grass\nsky|heaven\ncow\n")
         for index, (label, image) in enumerate(zip(labels, images, strict=False)):
             (root / "images" / f"s{index}.png").write_bytes(image)
             (root / "labels" / f"s{index}.png").write_bytes(label)
@@ -104,9 +102,7 @@ def test_folder_data_set_with_garbage_labels_and_images(labels, images):
 @given(classes=TEXT_GARBAGE, split=TEXT_GARBAGE)
 def test_folder_data_set_with_garbage_class_and_split_lists(classes, split):
     with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        (root / "images").mkdir()
-        (root / "labels").mkdir()
+        root = folder_dataset(Path(folder) / "data")
         Image.new("RGB", (4, 4)).save(root / "images" / "a.png")
         Image.new("L", (4, 4)).save(root / "labels" / "a.png")
         (root / "classes.txt").write_bytes(classes)
@@ -192,10 +188,7 @@ def write_garbage_sample(root: Path, name: str, image, label: str) -> None:
 
 @pytest.mark.usefixtures("one_torch_thread", "shared_models")
 def test_evaluate_scores_the_good_samples_and_names_every_bad_one(tiny_model, tmp_path):
-    root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    (root / "classes.txt").write_text("sky\nsand\n")
+    root = folder_dataset(tmp_path / "data")
     for name, (image, label) in GARBAGE_SAMPLES.items():
         write_garbage_sample(root, name, image, label)
     out = tmp_path / "run"

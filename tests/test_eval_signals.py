@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folder_data import folder_dataset
 from PIL import Image
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc to find the workers")
@@ -34,10 +35,7 @@ IMAGES = 300
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("long") / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    (root / "classes.txt").write_text("sky\nsand\n")
+    root = folder_dataset(tmp_path_factory.mktemp("long") / "data")
     label = np.zeros((32, 32), np.uint8)
     label[16:] = 1
     for index in range(IMAGES):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folder_data import folder_dataset
 from PIL import Image
 
 from maskdiffusion import cli, evaluation
@@ -50,10 +51,7 @@ def write_pair(root: Path, name: str, height: int, width: int, label_shape: tupl
 
 @pytest.fixture(scope="module")
 def hard(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hard") / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    (root / "classes.txt").write_text("sky\nsand\n")
+    root = folder_dataset(tmp_path_factory.mktemp("hard") / "data")
     write_pair(root, "a_good", 48, 64)
     (root / "images" / "b_image_bomb.png").write_bytes(png_header(BOMB_SIDE, BOMB_SIDE))
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "labels" / "b_image_bomb.png")
