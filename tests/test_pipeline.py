@@ -102,7 +102,7 @@ def test_background_threshold_marks_low_scores_as_background(segmenter, rng):
 def test_preset_can_be_named_or_given_per_call(segmenter, rng):
     image = picture(rng, 64, 64)
     reference = segmenter(image, CLASSES, preset="reference")
-    assert reference.preset.normalize_prototypes is False
+    assert reference.preset.scoring == "dot"
     custom = segmenter(image, CLASSES, preset=Preset(size=64, attention_mode="softmax"))
     assert custom.preset.attention_mode == "softmax" and custom.attention.shape == (4, 4, 4)
 

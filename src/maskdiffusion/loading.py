@@ -10,13 +10,15 @@ unreachable, the error says how to get the weights or what to pass instead.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .presets import PRESETS, Preset
-from .prompts import read_small_text, shorten
+from .prompts import ClassName, read_small_text, shorten
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -187,10 +189,33 @@ class ModelCard:
             code and mean nothing.
         vocabulary: the words the model was trained on (the bundled toy model's world);
             ``None`` = an open vocabulary (Stable Diffusion).
+        attention_calibration: word -> the mean attention probability the model gives that
+            word over unlabelled images of its domain (measured once, no labels), for
+            ``Preset.attention_normalization="calibrated"``; ``None`` = not measured.
     """
 
     random_weights: bool = False
     vocabulary: tuple[str, ...] | None = None
+    attention_calibration: dict[str, float] | None = None
+
+    def class_scale(self, vocabulary: Sequence[ClassName]) -> torch.Tensor:
+        """``(C,)`` calibration divisors: the mean over a class's words that were measured.
+
+        A class none of whose words was measured gets the geometric mean of all measured
+        words (no correction either way). Raises ``ValueError`` when nothing was measured.
+        """
+        if not self.attention_calibration:
+            raise ValueError(
+                'attention_normalization "calibrated" needs the model\'s "attention_calibration" in its '
+                "maskdiffusion.json; use 'probabilities' for this model"
+            )
+        table = {" ".join(w.casefold().split()): v for w, v in self.attention_calibration.items()}
+        neutral = math.exp(sum(math.log(v) for v in table.values()) / len(table))
+        scales = []
+        for cls in vocabulary:
+            known = [table[k] for k in (" ".join(w.casefold().split()) for w in cls.synonyms) if k in table]
+            scales.append(sum(known) / len(known) if known else neutral)
+        return torch.tensor(scales, dtype=torch.float32)
 
 
 @dataclass
@@ -285,7 +310,19 @@ def model_card(folder: Path, settings: dict | None = None) -> ModelCard:
                 f"got {shorten(vocabulary)}"
             )
         vocabulary = tuple(vocabulary)
-    return ModelCard(random_weights=random_weights, vocabulary=vocabulary)
+    calibration = settings.get("attention_calibration")
+    if calibration is not None:
+        valid = isinstance(calibration, dict) and calibration
+        if not (valid and all(_is_real(v) and 0 < v < math.inf for v in calibration.values())):
+            raise ValueError(
+                f'{where}: "attention_calibration" must map words to positive numbers, got {shorten(calibration)}'
+            )
+        calibration = {str(word): float(value) for word, value in calibration.items()}
+    return ModelCard(random_weights=random_weights, vocabulary=vocabulary, attention_calibration=calibration)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 WEIGHT_PARTS = ("unet", "vae", "text_encoder")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .capture import UNetCapture, UNetLayout
 from .loading import DEFAULT_MODEL, Components, load_components, pick_device, pick_dtype, resolve_model_folder
-from .mask_head import class_attention, mask_head, refine
+from .mask_head import class_attention, segment_scores
 from .presets import Preset, resolve_preset
 from .prompts import ClassName, PromptBatch, build_prompts, parse_classes
 from .result import BACKGROUND, Result
@@ -51,6 +51,19 @@ class _Pending:
     attention: list[torch.Tensor] = field(default_factory=list)
     features: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every image of one ``segment_batch`` call shares."""
+
+    vocabulary: list[ClassName]
+    preset: Preset
+    weights: torch.Tensor  # (C, used tokens) class weights of the captured token maps
+    scale: torch.Tensor | None  # (C,) calibration divisors
+    keep_features: bool
+    warnings: list[str]
+    preset_name: str
 
 
 class LatentCache:
@@ -281,50 +294,39 @@ class MaskDiffusion:
         features = features.view(views, passes, *features.shape[1:]).mean(dim=1)
         return attention.cpu(), features.cpu()
 
-    def _finish(
-        self,
-        item: _Pending,
-        vocabulary: list[ClassName],
-        weights: torch.Tensor,
-        preset: Preset,
-        keep_features: bool,
-        warnings: list[str],
-    ) -> Result:
+    def _finish(self, item: _Pending, call: _Call) -> Result:
         """Stitch an image's views and run the mask head: the image's :class:`Result`."""
         start = time.perf_counter()
-        layout = item.layout
+        layout, preset = item.layout, call.preset
         token_maps = layout.stitch_log(torch.cat(item.attention), preset.attention_factor)
         features = layout.stitch(torch.cat(item.features), preset.feature_factor)
-        attention = class_attention(token_maps, weights)
-        feature_grid = layout.grid_shape(preset.feature_factor)
-        scores = mask_head(
-            features[None], resize_maps(attention, feature_grid)[None], normalize_prototypes=preset.normalize_prototypes
+        attention = class_attention(
+            token_maps, call.weights, normalization=preset.attention_normalization, scale=call.scale
         )
-        scores = refine(features[None], scores, preset.refine_steps, normalize_prototypes=preset.normalize_prototypes)[
-            0
-        ]
+        head = segment_scores(features, resize_maps(attention, layout.grid_shape(preset.feature_factor)), preset)
         image = item.image
-        labels = _labels(scores, (image.height, image.width), preset.background_threshold)
+        labels = _labels(head.scores, (image.height, image.width), preset.background_threshold, head.present)
         item.seconds += time.perf_counter() - start
         return Result(
-            classes=[c.name for c in vocabulary],
+            classes=[c.name for c in call.vocabulary],
             labels=labels,
             attention=attention.numpy(),
             image=image,
-            grid_scores=scores,
+            grid_scores=head.scores,
             preset=preset,
-            vocabulary=vocabulary,
+            vocabulary=call.vocabulary,
             model=self.model_id,
             source=item.source,
             timings={"seconds": round(item.seconds, 4)},
-            preset_name=self.preset_name(preset)[0],
-            warnings=list(warnings),
+            preset_name=call.preset_name,
+            warnings=list(call.warnings),
+            absent=[c.name for c, here in zip(call.vocabulary, head.present.tolist(), strict=True) if not here],
             runtime={
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "batch_size": self.batch_size,
             },
-            features=features if keep_features else None,
+            features=features if call.keep_features else None,
         )
 
     def segment_batch(
@@ -360,11 +362,19 @@ class MaskDiffusion:
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         vocabulary, preset = self.check_inputs(classes, preset)
         prompts = build_prompts(self.tokenizer, vocabulary, preset.separator)
-        weights = prompts.token_weights().flatten(1)  # (C, P*T)
+        mass = preset.attention_normalization != "max"  # probabilities: a word's tokens' mass, not their mean
+        weights = prompts.token_weights("sum" if mass else "mean").flatten(1)  # (C, P*T)
         used = weights.sum(dim=0) > 0
-        weights = weights[:, used]
+        call = _Call(
+            vocabulary=vocabulary,
+            preset=preset,
+            weights=weights[:, used],
+            scale=self.card.class_scale(vocabulary) if preset.attention_normalization == "calibrated" else None,
+            keep_features=keep_features,
+            warnings=self.warnings(vocabulary),
+            preset_name=self.preset_name(preset)[0],
+        )
         text = self.encode_prompts(prompts)
-        warnings = self.warnings(vocabulary)
         unit = max(self.layout.block, preset.attention_factor, preset.feature_factor)
 
         results: list[Result | ImageLoadError | None] = [None] * len(images)
@@ -406,7 +416,7 @@ class MaskDiffusion:
                 item.seconds += share
             while pending and len(pending[0].attention) == len(pending[0].layout.offsets):
                 done = pending.pop(0)
-                results[done.index] = self._finish(done, vocabulary, weights, preset, keep_features, warnings)
+                results[done.index] = self._finish(done, call)
                 if progress:
                     progress(results[done.index])
         return results  # type: ignore[return-value]
@@ -431,13 +441,13 @@ class MaskDiffusion:
         return self.segment_batch([image], classes, preset=preset)[0]
 
 
-def _labels(scores: torch.Tensor, size: tuple[int, int], threshold: float | None) -> np.ndarray:
-    """``(H, W)`` int64 argmax of the upsampled scores, computed a band of rows at a time."""
+def _labels(scores: torch.Tensor, size: tuple[int, int], threshold: float | None, present: torch.Tensor) -> np.ndarray:
+    """``(H, W)`` int64 argmax over the ``present`` classes of the upsampled scores, a band of rows at a time."""
     height = size[0]
     labels = np.empty(size, dtype=np.int64)
     for top in range(0, height, LABEL_ROWS):
         rows = slice(top, min(top + LABEL_ROWS, height))
-        band = upsample_rows(scores, size, rows)
+        band = upsample_rows(scores, size, rows).masked_fill(~present[:, None, None], -torch.inf)
         best, label = band.max(dim=0)
         if threshold is not None:
             label = torch.where(best < threshold, BACKGROUND, label)

@@ -18,6 +18,11 @@ from typing import Literal, NoReturn, get_args
 from .prompts import shorten
 
 AttentionMode = Literal["exp", "softmax"]
+AttentionNormalization = Literal["max", "probabilities", "calibrated"]
+ClassPresence = Literal["all", "support"]
+PrototypeCells = Literal["all", "confident"]
+Scoring = Literal["cosine", "dot", "poe"]
+Refinement = Literal["hard", "em"]
 LongVocabulary = Literal["batch", "shared-queries"]
 
 MAX_SIZE = 2048  # view short side: past Stable Diffusion's training sizes (512-1024), and memory grows as its square
@@ -28,6 +33,8 @@ MAX_SEPARATOR_CHARS = 100
 MAX_LAYERS = 16  # entries of attention_factors / feature_blocks
 MAX_UP_BLOCK = 15
 COSINE_RANGE = (-1.0, 1.0)  # scores with normalised prototypes
+POSTERIOR_RANGE = (0.0, 1.0)  # EM scores are class probabilities
+MAX_WEIGHT = 1000.0  # poe_weight, em_concentration, em_prior_weight: past this one term is all that counts
 
 
 @dataclass(frozen=True)
@@ -55,14 +62,32 @@ class Preset:
         feature_blocks: up blocks whose outputs are the features (each L2-normalised,
             then concatenated).
         feature_factor: factor of the grid where features, prototypes and scores live.
-        normalize_prototypes: cosine scores (ours) or the reference's dot product with
-            the un-normalised prototype.
+        attention_normalization: how class maps are made comparable (see
+            :mod:`maskdiffusion.mask_head`): ``"max"`` divides each by its maximum (the
+            reference; an absent class gets a peak too); ``"probabilities"`` keeps the
+            raw softmax mass of the class's tokens (needs ``attention_mode="softmax"``);
+            ``"calibrated"`` divides that mass by a per-class scale the model folder
+            measured without labels (``attention_calibration`` in ``maskdiffusion.json``).
+        class_presence: ``"all"``: every class may take pixels; ``"support"``: only
+            classes that win the attention argmax on at least ``presence_min_cells``
+            cells of the feature grid (the others are reported in ``Result.absent``).
+        presence_min_cells: see ``class_presence``.
+        prototype_cells: ``"all"``: prototypes weight every cell by the class's
+            attention; ``"confident"``: only the cells where the class wins the argmax.
+        scoring: ``"cosine"`` (ours), ``"dot"`` (the reference's dot product with the
+            un-normalised prototype) or ``"poe"``: cosine + ``poe_weight`` x log attention,
+            a product of experts in which the attention keeps its vote.
+        poe_weight: lambda of ``"poe"``.
         background_threshold: pixels whose best score is below it are labelled
-            background (-1; 255 in PNGs). ``None`` = every pixel gets a class. With
-            ``normalize_prototypes`` the scores are cosines, so it lies in [-1, 1].
-        refine_steps: extra rounds where prototypes are recomputed from the current
-            labelling (hard assignment) instead of the attention; at most
+            background (-1; 255 in PNGs). ``None`` = every pixel gets a class. Cosine
+            scores lie in [-1, 1], EM posteriors in [0, 1].
+        refinement: what ``refine_steps`` rounds do: ``"hard"`` recomputes prototypes
+            from the current labelling; ``"em"`` runs EM on a von Mises-Fisher mixture with
+            the attention as a per-pixel prior, and the scores become class posteriors.
+        refine_steps: rounds of ``refinement`` (0 = none), at most
             :data:`MAX_REFINE_STEPS` (100).
+        em_concentration: kappa of the EM mixture (how sharply features decide).
+        em_prior_weight: exponent of the attention prior in EM (how much it decides).
         long_vocabulary: how vocabularies that need several prompts are run.
             ``"batch"``: one UNet pass per prompt (batched); features are the mean over
             the passes. ``"shared-queries"``: one pass with the first prompt; the other
@@ -81,9 +106,17 @@ class Preset:
     attention_factor: int = 16
     feature_blocks: tuple[int, ...] = (1, 2)
     feature_factor: int = 8
-    normalize_prototypes: bool = True
+    attention_normalization: AttentionNormalization = "max"
+    class_presence: ClassPresence = "all"
+    presence_min_cells: int = 2
+    prototype_cells: PrototypeCells = "all"
+    scoring: Scoring = "cosine"
+    poe_weight: float = 0.1
     background_threshold: float | None = None
+    refinement: Refinement = "hard"
     refine_steps: int = 0
+    em_concentration: float = 20.0
+    em_prior_weight: float = 2.0
     long_vocabulary: LongVocabulary = "batch"
 
     def __post_init__(self) -> None:
@@ -141,22 +174,54 @@ class Preset:
         _whole(self, "attention_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
         _factors(self, "feature_blocks", 0, MAX_UP_BLOCK, f"up-block indices from 0 to {MAX_UP_BLOCK}")
         _whole(self, "feature_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
-        if not isinstance(self.normalize_prototypes, bool):
-            _refuse("normalize_prototypes", self.normalize_prototypes, "true or false")
+        _choice("attention_normalization", self.attention_normalization, AttentionNormalization)
+        if self.attention_normalization != "max" and self.attention_mode != "softmax":
+            _refuse(
+                "attention_normalization",
+                self.attention_normalization,
+                "'max' with attention_mode 'exp' (exp scores are not probabilities; use attention_mode 'softmax')",
+            )
+        _choice("class_presence", self.class_presence, ClassPresence)
+        _whole(self, "presence_min_cells", 1, 10**6, "a whole number of cells from 1 to 10**6")
+        _choice("prototype_cells", self.prototype_cells, PrototypeCells)
+        _choice("scoring", self.scoring, Scoring)
+        for name in ("poe_weight", "em_concentration", "em_prior_weight"):
+            value = getattr(self, name)
+            if not (_is_real(value) and 0.0 <= value <= MAX_WEIGHT):
+                _refuse(name, value, f"a number from 0 to {MAX_WEIGHT:g}")
+        _choice("refinement", self.refinement, Refinement)
+        _whole(self, "refine_steps", 0, MAX_REFINE_STEPS, f"a whole number from 0 to {MAX_REFINE_STEPS}")
         threshold = self.background_threshold
         if threshold is not None:
             if not (_is_real(threshold) and math.isfinite(threshold)):
                 _refuse("background_threshold", threshold, "a finite number or None (off)")
-            low, high = COSINE_RANGE
-            if self.normalize_prototypes and not low <= threshold <= high:
+            bounds = self.score_range()
+            if bounds is not None and not bounds[0] <= threshold <= bounds[1]:
+                low, high = bounds
                 _refuse(
                     "background_threshold",
                     threshold,
-                    f"in [{low:g}, {high:g}] with normalize_prototypes (cosine scores lie in [{low:g}, {high:g}]; "
-                    "a threshold above 1 makes every pixel background)",
+                    f"in [{low:g}, {high:g}]: this preset's {self.score_kind()} lie in [{low:g}, {high:g}], "
+                    "so a threshold outside makes every pixel background or none",
                 )
-        _whole(self, "refine_steps", 0, MAX_REFINE_STEPS, f"a whole number from 0 to {MAX_REFINE_STEPS}")
         _choice("long_vocabulary", self.long_vocabulary, LongVocabulary)
+
+    def score_kind(self) -> str:
+        """What the head's scores are, for messages: ``cosine scores``, ``EM posteriors``, ..."""
+        if self.refinement == "em" and self.refine_steps:
+            return "EM posteriors"
+        kinds = {
+            "cosine": "cosine scores",
+            "dot": "dot-product scores",
+            "poe": "cosine + weight x log-attention scores",
+        }
+        return kinds[self.scoring]
+
+    def score_range(self) -> tuple[float, float] | None:
+        """Bounds of the head's scores, or ``None`` where they are unbounded (dot, product of experts)."""
+        if self.refinement == "em" and self.refine_steps:
+            return POSTERIOR_RANGE
+        return COSINE_RANGE if self.scoring == "cosine" else None
 
 
 _NUMBERS = {
@@ -168,6 +233,10 @@ _NUMBERS = {
     "feature_factor": int,
     "background_threshold": float,
     "refine_steps": int,
+    "presence_min_cells": int,
+    "poe_weight": float,
+    "em_concentration": float,
+    "em_prior_weight": float,
 }
 
 
@@ -222,7 +291,7 @@ PRESETS: dict[str, Preset] = {
         attention_factors=(32, 64),
         attention_factor=16,
         feature_factor=16,
-        normalize_prototypes=False,
+        scoring="dot",
         window_overlap=0.5,
     ),
 }

@@ -97,16 +97,21 @@ class PromptBatch:
     def num_prompts(self) -> int:
         return self.input_ids.shape[0]
 
-    def token_weights(self) -> torch.Tensor:
-        """``(C, P, context)`` float32 weights that average each class's tokens.
+    def token_weights(self, words: str = "mean") -> torch.Tensor:
+        """``(C, P, context)`` float32 weights of each class's tokens.
 
-        A class map is the weighted sum of its token maps: synonyms count equally and
-        the tokens of one word share that word's weight equally.
+        A class map is the weighted sum of its token maps; synonyms count equally. A
+        word's map is the mean of its tokens' maps (``words="mean"``, the shape of the
+        word's attention) or their sum (``"sum"``: the probability mass the word gets, so
+        a two-token word is not halved against one-token words).
         """
+        if words not in ("mean", "sum"):
+            raise ValueError(f"words must be 'mean' or 'sum', got {words!r}")
         weights = torch.zeros(len(self.spans), *self.input_ids.shape)
         for c, spans in enumerate(self.spans):
             for span in spans:
-                weights[c, span.prompt, span.start : span.stop] += 1.0 / (len(spans) * (span.stop - span.start))
+                tokens = span.stop - span.start if words == "mean" else 1
+                weights[c, span.prompt, span.start : span.stop] += 1.0 / (len(spans) * tokens)
         return weights
 
 

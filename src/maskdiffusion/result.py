@@ -28,15 +28,19 @@ class Result:
         classes: class display names; ``labels`` index into this list.
         labels: ``(H, W)`` int64 class index per pixel at the input's size; -1 where
             the background threshold rejected every class.
-        attention: ``(C, h, w)`` float32 per-class cross-attention, max-normalised, on
-            the attention grid covering the whole image.
+        attention: ``(C, h, w)`` float32 per-class cross-attention on the attention grid
+            covering the whole image, normalised as the preset says (``max``: each map's
+            peak is 1; ``probabilities``: the class's softmax mass per cell).
         image: the input as RGB (for overlays).
-        grid_scores: ``(C, hf, wf)`` float32 class scores on the feature grid.
+        grid_scores: ``(C, hf, wf)`` float32 class scores on the feature grid (what they are:
+            ``preset.score_kind()``).
         features: ``(D, hf, wf)`` float32 stitched UNet features on the feature grid, kept
             only when asked for (``keep_features=True``), e.g. for clustering.
         preset_name: the named preset ``preset`` is (or is closest to; JSON lists the changes).
         warnings: what the user must know to read the result (random weights, words the
             model never saw); also in the JSON and printed by the command line.
+        absent: classes the head judged absent (``Preset.class_presence="support"``); they
+            take no pixel.
     """
 
     classes: list[str]
@@ -53,6 +57,7 @@ class Result:
     features: torch.Tensor | None = None
     preset_name: str = ""
     warnings: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
 
     @cached_property
     def scores(self) -> np.ndarray:
@@ -104,6 +109,7 @@ class Result:
             "palette": self.palette.tolist(),
             "background_label": PNG_BACKGROUND if len(self.classes) < PNG_BACKGROUND else 65535,
             "pixel_share": self.pixel_share(),
+            "absent": self.absent,
             "preset": self.preset_name,
             "settings": {**self.preset.to_dict(), **self.runtime},
             "timings": self.timings,

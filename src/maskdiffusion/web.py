@@ -61,7 +61,6 @@ TOY_EXAMPLES = 4  # held-out toy-world scenes offered as examples with a toy-wor
 DEFAULT_HOST = "127.0.0.1"  # loopback: the app is reachable from other machines only when asked
 DEFAULT_PORT = 7860
 SIZE_RANGE = (64, 1024)  # the size slider's range; its step is the model's block size
-COSINE_RANGE = (-1.0, 1.0)  # scores of presets with normalised prototypes; a threshold outside is meaningless
 REQUEST_TIMEOUT = 120.0  # seconds of work one request may take before it is stopped (serve --request-timeout)
 HEARTBEAT_SECONDS = 3  # how often Gradio writes to each page's event stream, and so finds closed ones
 NO_IMAGE = "no image: upload one or pick an example below"
@@ -169,7 +168,7 @@ def check_settings(segmenter: MaskDiffusion, preset_name: Any, size: Any, thresh
         changes["size"] = int(value)
     value = math.nan if threshold is None else _number(threshold, "background threshold", allow_nan=True)
     if not math.isnan(value):  # NaN: the number box left empty
-        low, high = COSINE_RANGE if base.normalize_prototypes else (-math.inf, math.inf)
+        low, high = base.score_range() or (-math.inf, math.inf)
         if not math.isfinite(value) or not low <= value <= high:
             where = f"from {low:g} to {high:g}, the range of the scores" if math.isfinite(low) else "a finite number"
             raise ValueError(f"background threshold {_short(threshold)} is not {where}; or leave it empty (off)")
@@ -345,13 +344,15 @@ def _legend_html(result: Result, rows: list[list[Any]]) -> str:
 
 
 def _heatmaps(result: Result) -> list[tuple[Image.Image, str]]:
-    """Per-class attention over a grey copy of the image, at most :data:`MAX_HEATMAPS`."""
+    """Per-class attention (each map scaled to its own peak) over a grey copy of the image, at most
+    :data:`MAX_HEATMAPS`."""
     scale = HEATMAP_SIDE / max(result.image.size)
     size = (max(1, round(result.image.width * scale)), max(1, round(result.image.height * scale)))
     grey = result.image.convert("L").resize(size, Image.Resampling.BILINEAR).convert("RGB")
     pictures = []
     for index, name in enumerate(result.classes[:MAX_HEATMAPS]):
-        heat = visualize.heatmap(result.attention[index], size)
+        values = result.attention[index]
+        heat = visualize.heatmap(values / max(float(values.max()), 1e-30), size)
         pictures.append((Image.blend(grey, heat, 0.65), name))
     return pictures
 
