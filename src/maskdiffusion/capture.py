@@ -1,14 +1,21 @@
-"""Capture cross-attention maps and decoder features in one UNet pass.
+"""Capture cross-attention maps, self-attention and decoder features in one UNet pass.
 
-Cross-attention is read through a diffusers attention processor installed on the chosen
-layers only (every other layer keeps its fused SDPA kernel); decoder features through
-forward hooks on the chosen up blocks. Once everything needed has been seen the pass
-stops, so the finest (most expensive) decoder level is skipped when nothing uses it.
+Cross-attention (and, when a preset asks, self-attention) is read through a diffusers
+attention processor installed on the chosen layers only (every other layer keeps its fused
+SDPA kernel); decoder features through forward hooks on the chosen up blocks. Once
+everything needed has been seen the pass stops, so the finest (most expensive) decoder
+level is skipped when nothing uses it.
 
 Attention maps are kept as logarithms in float32: ``exp`` maps are ``QK^T * scale``
 itself, ``softmax`` maps are its log-softmax over the prompt tokens. Averages over heads,
 layers and windows are taken as log-mean-exp with a shift that is added back exactly,
 so exp scores never overflow in fp16/bf16 models and nothing is lost to a shift.
+
+Self-attention is kept as probabilities, one ``(N, N)`` row-stochastic matrix per view
+(the mean over heads and layers, on the grid of the finest chosen layer), and
+:func:`propagate` spreads the class attention with it, ``A' = S^k A`` (as iSeg and
+DiffSegmenter do). :func:`ensemble_passes` lists the passes of a multi-timestep,
+multi-noise ensemble.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .presets import Preset
-from .views import resize_maps
+from .views import bilinear_matrix, resize_maps
 
 
 @dataclass(frozen=True)
@@ -31,12 +38,14 @@ class UNetLayout:
     """Where the UNet's cross-attention layers sit.
 
     ``vae_factor``: pixels per latent cell; ``levels``: number of UNet resolutions;
-    ``cross_attention``: processor name -> down-sampling factor relative to the view.
+    ``cross_attention`` / ``self_attention``: processor name -> down-sampling factor
+    relative to the view.
     """
 
     vae_factor: int
     levels: int
     cross_attention: dict[str, int]
+    self_attention: dict[str, int] = field(default_factory=dict)
 
     @property
     def block(self) -> int:
@@ -47,9 +56,10 @@ class UNetLayout:
     def of(cls, unet, vae) -> UNetLayout:
         vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         levels = len(unet.config.block_out_channels)
-        factors = {}
+        factors: dict[str, dict[str, int]] = {".attn1.": {}, ".attn2.": {}}
         for name in unet.attn_processors:
-            if ".attn2." not in name:
+            kind = next((k for k in factors if k in name), None)
+            if kind is None:
                 continue
             match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", name)
             if name.startswith("mid_block"):
@@ -60,19 +70,29 @@ class UNetLayout:
                 level = levels - 1 - int(match.group(2))
             else:
                 continue
-            factors[name] = vae_factor * 2**level
-        return cls(vae_factor=vae_factor, levels=levels, cross_attention=factors)
+            factors[kind][name] = vae_factor * 2**level
+        return cls(
+            vae_factor=vae_factor, levels=levels, cross_attention=factors[".attn2."], self_attention=factors[".attn1."]
+        )
 
     def select(self, attention_factors: tuple[int, ...]) -> dict[str, int]:
-        """Processors of the layers at the given factors; error if a factor has none."""
-        available = sorted(set(self.cross_attention.values()))
-        missing = [f for f in attention_factors if f not in available]
-        if missing:
-            raise ValueError(
-                f"this UNet has no cross-attention layer at down-sampling factor(s) {missing}; "
-                f"it has layers at {available} (set Preset.attention_factors accordingly)"
-            )
-        return {n: f for n, f in self.cross_attention.items() if f in attention_factors}
+        """Processors of the cross-attention layers at the given factors; error if a factor has none."""
+        return _select(self.cross_attention, attention_factors, "cross-attention", "attention_factors")
+
+    def select_self(self, self_attention_factors: tuple[int, ...]) -> dict[str, int]:
+        """Processors of the self-attention layers at the given factors; error if a factor has none."""
+        return _select(self.self_attention, self_attention_factors, "self-attention", "self_attention_factors")
+
+
+def _select(layers: dict[str, int], factors: tuple[int, ...], kind: str, field_name: str) -> dict[str, int]:
+    available = sorted(set(layers.values()))
+    missing = [f for f in factors if f not in available]
+    if missing:
+        raise ValueError(
+            f"this UNet has no {kind} layer at down-sampling factor(s) {missing}; "
+            f"it has layers at {available} (set Preset.{field_name} accordingly)"
+        )
+    return {n: f for n, f in layers.items() if f in factors}
 
 
 def _layer_stop_block(name: str) -> int:
@@ -87,7 +107,9 @@ class CaptureStore:
 
     ``attention``: one ``(B, K, h, w)`` float32 log-map per captured layer, resized to
     the common attention grid; ``features``: ``block -> (B, D, H, W)`` float32, each
-    L2-normalised over channels.
+    L2-normalised over channels; ``self_attention_sum``: ``(B, N, N)`` float32 sum over
+    the captured self-attention layers of their head-mean probabilities on
+    ``self_attention_grid`` (``N`` = its cells), ``self_attention_layers`` how many.
     """
 
     view_size: tuple[int, int]
@@ -97,6 +119,9 @@ class CaptureStore:
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     keep_queries: bool = False
     queries: list[tuple[object, int, torch.Tensor]] = field(default_factory=list)
+    self_attention_grid: tuple[int, int] | None = None
+    self_attention_sum: torch.Tensor | None = None
+    self_attention_layers: int = 0
 
     def record(self, attn, query: torch.Tensor, scores: torch.Tensor, factor: int) -> None:
         """Called by :class:`CaptureProcessor` for every captured layer."""
@@ -122,6 +147,21 @@ class CaptureStore:
         stacked = torch.stack(self.attention)
         return torch.logsumexp(stacked, dim=0) - math.log(len(self.attention))
 
+    def add_self_attention(self, probs: torch.Tensor, factor: int) -> None:
+        """``probs``: ``(B, N, N)`` float32 head-mean self-attention probabilities of one layer."""
+        rows, cols = self.view_size[0] // factor, self.view_size[1] // factor
+        if rows * cols != probs.shape[-1] or self.self_attention_grid is None:
+            raise RuntimeError(f"self-attention at factor {factor}: {probs.shape[-1]} tokens, expected {rows}x{cols}")
+        probs = regrid_self_attention(probs, (rows, cols), self.self_attention_grid)
+        self.self_attention_sum = probs if self.self_attention_sum is None else self.self_attention_sum + probs
+        self.self_attention_layers += 1
+
+    def self_attention_mean(self) -> torch.Tensor | None:
+        """``(B, N, N)`` mean over captured layers (and heads) of the self-attention, or ``None``."""
+        if self.self_attention_sum is None:
+            return None
+        return self.self_attention_sum / self.self_attention_layers
+
     def attend(self, text: torch.Tensor) -> CaptureStore:
         """Attention of the stored queries to another prompt's keys, without a UNet pass.
 
@@ -143,6 +183,110 @@ class CaptureStore:
         return other
 
 
+def regrid_self_attention(probs: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """``(B, N, N)`` self-attention on ``grid`` as ``(B, M, M)`` on the finer ``target`` grid.
+
+    Queries are resized bilinearly (each fine cell takes the blend of its coarse cells'
+    rows); each coarse key's mass is split evenly over the fine cells it covers. Rows stay
+    probability distributions, and ``S A`` reads the class attention averaged over the
+    coarse layer's cells, as the coarse layer saw it.
+    """
+    if tuple(grid) == tuple(target):
+        return probs
+    (rows, cols), (fine_rows, fine_cols) = grid, target
+    if fine_rows % rows or fine_cols % cols:
+        raise RuntimeError(f"self-attention grid {grid} does not divide the finest chosen grid {target}")
+    step_r, step_c = fine_rows // rows, fine_cols // cols
+    up_r, up_c = bilinear_matrix(fine_rows, rows).to(probs), bilinear_matrix(fine_cols, cols).to(probs)
+    batch = probs.shape[0]
+    keys = probs.view(batch, rows, cols, rows, cols)
+    keys = keys.repeat_interleave(step_r, dim=3).repeat_interleave(step_c, dim=4) / (step_r * step_c)
+    fine = torch.einsum("Rr,Cc,brcxy->bRCxy", up_r, up_c, keys)
+    return fine.reshape(batch, fine_rows * fine_cols, fine_rows * fine_cols)
+
+
+def propagate(log_maps: torch.Tensor, self_attention: torch.Tensor, grid: tuple[int, int], steps: int) -> torch.Tensor:
+    """``S^k A`` of maps given as logs, as logs.
+
+    Arguments:
+        log_maps: ``(B, ..., h, w)`` float32 logs of attention maps.
+        self_attention: ``(B, N, N)`` row-stochastic ``S`` on ``grid`` (``N`` cells);
+            ``S[i, j]``: how much cell ``i`` attends to cell ``j``.
+        steps: ``k``.
+
+    Each map is shifted by its maximum before ``exp`` (values <= 1, and ``S`` only
+    averages them, so nothing overflows), resized to ``grid``, multiplied by ``S`` ``k``
+    times, resized back to ``(h, w)``; the shift is added back to the log: exact up to
+    underflow.
+    """
+    with torch.autocast(log_maps.device.type, enabled=False):
+        size = tuple(log_maps.shape[-2:])
+        shift = log_maps.amax(dim=(-2, -1), keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        maps = resize_maps(torch.exp(log_maps - shift), grid)
+        flat = maps.reshape(maps.shape[0], -1, grid[0] * grid[1])  # (B, M, N)
+        transposed = self_attention.float().transpose(1, 2)
+        for _ in range(steps):
+            flat = torch.bmm(flat, transposed)  # A'(i) = sum_j S[i, j] A(j)
+        return resize_maps(flat.reshape(maps.shape), size).log() + shift
+
+
+def ensemble_passes(preset: Preset) -> list[tuple[int, int, int]]:
+    """``(timestep, seed, weight)`` of every UNet pass per view a preset asks for.
+
+    The timestep and each of ``ensemble_timesteps``, each with seeds ``seed``,
+    ``seed + 1``, ... (``noise_samples`` of them). At timestep 0 no noise is added, so its
+    seeds would give the same pass: it runs once with weight ``noise_samples``.
+    """
+    passes = []
+    for timestep in (preset.timestep, *preset.ensemble_timesteps):
+        if timestep == 0:
+            passes.append((0, preset.seed, preset.noise_samples))
+        else:
+            passes.extend((timestep, preset.seed + i, 1) for i in range(preset.noise_samples))
+    return passes
+
+
+class PassAverage:
+    """Weighted average of several passes' signals: attention log-maps as log-mean-exp
+    (like heads and layers), features and self-attention as plain means. Running sums, so
+    memory does not grow with the number of passes; one pass of weight 1 comes back as it went in.
+    """
+
+    def __init__(self):
+        self.total = 0.0
+        self.sums: list[torch.Tensor | None] = [None, None, None]
+
+    def add(
+        self, attention: torch.Tensor, features: torch.Tensor, self_attention: torch.Tensor | None, *, weight: float
+    ) -> None:
+        terms = [
+            attention + math.log(weight),
+            features * weight,
+            None if self_attention is None else self_attention * weight,
+        ]
+        if self.total:
+            log_sum, feature_sum, self_sum = self.sums
+            terms = [
+                torch.logaddexp(log_sum, terms[0]),
+                feature_sum + terms[1],
+                None if self_sum is None else self_sum + terms[2],
+            ]
+        self.sums = terms
+        self.total += weight
+
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Attention log-maps, features and self-attention (or ``None``), averaged."""
+        if not self.total:
+            raise RuntimeError("no pass was added")
+        log_sum, feature_sum, self_sum = self.sums
+        return (
+            log_sum - math.log(self.total),
+            feature_sum / self.total,
+            None if self_sum is None else self_sum / self.total,
+        )
+
+
 def resize_log_maps(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of maps given as logs ``(..., h, w)``, exact up to underflow."""
     if tuple(log_maps.shape[-2:]) == tuple(size):
@@ -153,19 +297,25 @@ def resize_log_maps(log_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 class CaptureProcessor:
-    """Cross-attention processor that computes attention explicitly and records it.
+    """Attention processor that computes attention explicitly and records it.
 
-    The output equals diffusers' stock processor (softmax(QK^T * scale) V); the scores
-    are formed in float32 whatever the model's dtype.
+    Installed on a cross-attention layer (text keys) it records the scores; on a
+    self-attention layer (``self_attention=True``) the head-mean probabilities, formed one
+    head at a time so memory stays at one ``(B, N, N)`` matrix. The output equals
+    diffusers' stock processor (softmax(QK^T * scale) V); the scores are formed in float32
+    whatever the model's dtype.
     """
 
-    def __init__(self, store_ref: list[CaptureStore], factor: int):
+    def __init__(self, store_ref: list[CaptureStore], factor: int, *, self_attention: bool = False):
         self._store_ref = store_ref
         self.factor = factor
+        self.self_attention = self_attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is None or attention_mask is not None or attn.spatial_norm is not None:
-            raise NotImplementedError("CaptureProcessor handles text cross-attention without masks only")
+        if (encoder_hidden_states is None) != self.self_attention:
+            raise NotImplementedError(f"CaptureProcessor(self_attention={self.self_attention}) got the other kind")
+        if attention_mask is not None or attn.spatial_norm is not None:
+            raise NotImplementedError("CaptureProcessor handles attention without masks only")
         residual = hidden_states
         if hidden_states.ndim == 4:
             raise NotImplementedError("CaptureProcessor expects (B, N, C) hidden states")
@@ -173,7 +323,9 @@ class CaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        if attn.norm_cross:
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
@@ -185,17 +337,32 @@ class CaptureProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        with torch.autocast(query.device.type, enabled=False):
-            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        probs = scores.softmax(dim=-1)
-        out = torch.matmul(probs.to(value.dtype), value)
+        if self.self_attention:
+            out = self._attend_self(query, key, value, attn.scale)
+        else:
+            with torch.autocast(query.device.type, enabled=False):
+                scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            probs = scores.softmax(dim=-1)
+            out = torch.matmul(probs.to(value.dtype), value)
+            self._store_ref[0].record(attn, query, scores, self.factor)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
-        out = out / attn.rescale_output_factor
-        self._store_ref[0].record(attn, query, scores, self.factor)
-        return out
+        return out / attn.rescale_output_factor
+
+    def _attend_self(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """``(B, heads, N, d)`` output; records the head-mean probabilities, one head at a time."""
+        outputs, total = [], None
+        for head in range(query.shape[1]):
+            with torch.autocast(query.device.type, enabled=False):
+                scores = torch.matmul(query[:, head].float(), key[:, head].float().transpose(-1, -2)) * scale
+                probs = scores.softmax(dim=-1)
+                del scores
+                total = probs if total is None else total.add_(probs)
+            outputs.append(torch.matmul(probs.to(value.dtype), value[:, head]))
+        self._store_ref[0].add_self_attention(total / query.shape[1], self.factor)
+        return torch.stack(outputs, dim=1)
 
 
 class _PassComplete(Exception):
@@ -203,7 +370,7 @@ class _PassComplete(Exception):
 
 
 class UNetCapture:
-    """Runs a UNet once and returns its captured attention maps and features.
+    """Runs a UNet once and returns its captured attention maps, self-attention and features.
 
     Processors are installed for the duration of :meth:`run` and the model's own
     processors restored afterwards, so the UNet object is left as it was found.
@@ -214,11 +381,12 @@ class UNetCapture:
         self.layout = UNetLayout.of(unet, vae)
         self.preset = preset
         self.layers = self.layout.select(preset.attention_factors)
+        self.self_layers = self.layout.select_self(preset.self_attention_factors)
         up_count = len(unet.up_blocks)
         bad = [b for b in preset.feature_blocks if not 0 <= b < up_count]
         if bad:
             raise ValueError(f"feature_blocks {bad} out of range: this UNet has up blocks 0..{up_count - 1}")
-        stops = [_layer_stop_block(n) for n in self.layers]
+        stops = [_layer_stop_block(n) for n in (*self.layers, *self.self_layers)]
         self.stop_block = max([*stops, *preset.feature_blocks])
 
     @contextmanager
@@ -226,10 +394,11 @@ class UNetCapture:
         self, store_ref: list[CaptureStore], features: dict[int, torch.Tensor], stop: bool
     ) -> Iterator[None]:
         original = self.unet.attn_processors
-        processors = {
-            name: CaptureProcessor(store_ref, self.layers[name]) if name in self.layers else proc
-            for name, proc in original.items()
-        }
+        processors = dict(original)
+        processors.update({name: CaptureProcessor(store_ref, factor) for name, factor in self.layers.items()})
+        processors.update(
+            {name: CaptureProcessor(store_ref, f, self_attention=True) for name, f in self.self_layers.items()}
+        )
         handles = []
 
         def feature_hook(index: int):
@@ -265,14 +434,20 @@ class UNetCapture:
         """One pass over ``latents`` ``(B, c, h, w)`` with ``text`` ``(B, T, E)``.
 
         Returns the store (attention log-maps on the 1/``attention_factor`` grid,
-        features on the 1/``feature_factor`` grid, and with ``keep_queries`` the captured
-        layers' queries for :meth:`CaptureStore.attend`) and the UNet output (``None``
-        when the pass stopped early).
+        features on the 1/``feature_factor`` grid, self-attention of the
+        ``self_attention_factors`` layers on the finest one's grid, and with
+        ``keep_queries`` the captured layers' queries for :meth:`CaptureStore.attend`) and
+        the UNet output (``None`` when the pass stopped early).
         """
         view = (latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor)
         grid = (view[0] // self.preset.attention_factor, view[1] // self.preset.attention_factor)
+        finest = min(self.preset.self_attention_factors, default=None)
         store = CaptureStore(
-            view_size=view, attention_mode=self.preset.attention_mode, attention_grid=grid, keep_queries=keep_queries
+            view_size=view,
+            attention_mode=self.preset.attention_mode,
+            attention_grid=grid,
+            keep_queries=keep_queries,
+            self_attention_grid=None if finest is None else (view[0] // finest, view[1] // finest),
         )
         raw: dict[int, torch.Tensor] = {}
         output = None

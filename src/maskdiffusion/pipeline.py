@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .capture import UNetCapture, UNetLayout
+from .capture import PassAverage, UNetCapture, UNetLayout, ensemble_passes, propagate
 from .loading import DEFAULT_MODEL, Components, load_components, pick_device, pick_dtype, resolve_model_folder
 from .mask_head import class_attention, segment_scores
 from .presets import Preset, resolve_preset
@@ -193,9 +193,11 @@ class MaskDiffusion:
                 f"use e.g. {max(self.layout.block, round(chosen.size / self.layout.block) * self.layout.block)}"
             )
         steps = len(self.alphas_cumprod)
-        if chosen.timestep >= steps:
-            raise ValueError(f"timestep {chosen.timestep} is past this model's noise schedule: use 0 to {steps - 1}")
+        late = [t for t in (chosen.timestep, *chosen.ensemble_timesteps) if t >= steps]
+        if late:
+            raise ValueError(f"timestep(s) {late} past this model's noise schedule: use 0 to {steps - 1}")
         self.layout.select(chosen.attention_factors)
+        self.layout.select_self(chosen.self_attention_factors)
         return chosen
 
     def preset_name(self, preset: Preset) -> tuple[str, dict]:
@@ -256,25 +258,51 @@ class MaskDiffusion:
         config = self.vae.config
         return (posterior - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
 
-    def add_noise(self, latents: torch.Tensor, preset: Preset) -> torch.Tensor:
-        """Latents at the preset's timestep: the same seeded noise for every view."""
-        if not preset.timestep:
+    def add_noise(self, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
+        """Latents at ``timestep``: the same noise, seeded by ``seed``, for every view."""
+        if not timestep:
             return latents
-        generator = torch.Generator().manual_seed(preset.seed)
+        generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents)
-        alpha = self.alphas_cumprod[preset.timestep].to(latents)
+        alpha = self.alphas_cumprod[timestep].to(latents)
         return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
 
     @torch.no_grad()
     def capture(self, latents: torch.Tensor, text: torch.Tensor, preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
-        """One UNet pass over every (view, prompt) pair (or, with ``shared-queries``, per view).
+        """Every UNet pass the preset asks for over clean latents, averaged, attention propagated.
+
+        One pass per (timestep, noise seed) of :func:`~maskdiffusion.capture.ensemble_passes`
+        (one, unless ``ensemble_timesteps`` or ``noise_samples`` ask for more); each pass
+        covers every (view, prompt) pair (or, with ``shared-queries``, every view). Attention
+        is the log-mean-exp over the passes, features their mean; with
+        ``self_attention_factors`` each view's maps are then propagated by the mean of its
+        passes' self-attention, ``S^k A``.
 
         Arguments:
-            latents: ``(V, c, h, w)``; text: ``(P, T, E)``.
+            latents: ``(V, c, h, w)`` clean latents; text: ``(P, T, E)``.
 
         Returns:
             ``(V, P, T, ha, wa)`` float32 attention log-maps (mean over heads and layers)
             and ``(V, D, hf, wf)`` float32 features (mean over the prompts' passes).
+        """
+        average = PassAverage()
+        for timestep, seed, weight in ensemble_passes(preset):
+            average.add(*self._pass(self.add_noise(latents, timestep, seed), timestep, text, preset), weight=weight)
+        attention, features, self_attention = average.mean()
+        if self_attention is not None:
+            finest = min(preset.self_attention_factors)
+            view = (latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor)
+            grid = (view[0] // finest, view[1] // finest)
+            attention = propagate(attention, self_attention, grid, preset.propagation_steps)
+        return attention.cpu(), features.cpu()
+
+    def _pass(
+        self, latents: torch.Tensor, timestep: int, text: torch.Tensor, preset: Preset
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One UNet pass at ``timestep``: :meth:`capture`'s attention and features, and ``(V, N, N)`` self-attention.
+
+        With several prompts (``batch``), features and self-attention are the mean over the
+        prompts' passes of a view.
         """
         views, prompts = latents.shape[0], text.shape[0]
         shared = preset.long_vocabulary == "shared-queries" and prompts > 1
@@ -283,7 +311,7 @@ class MaskDiffusion:
         batch_text = text[:passes].repeat(views, 1, 1).to(self.unet.dtype)
         capture = UNetCapture(self.unet, self.vae, preset)
         with self._autocast():
-            store, _ = capture.run(batch_latents, preset.timestep, batch_text, keep_queries=shared)
+            store, _ = capture.run(batch_latents, timestep, batch_text, keep_queries=shared)
             attention = store.layer_mean()
             if shared:
                 attention = torch.stack(
@@ -292,7 +320,10 @@ class MaskDiffusion:
         attention = attention.reshape(views, prompts, *attention.shape[-3:])
         features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
         features = features.view(views, passes, *features.shape[1:]).mean(dim=1)
-        return attention.cpu(), features.cpu()
+        self_attention = store.self_attention_mean()
+        if self_attention is not None:
+            self_attention = self_attention.view(views, passes, *self_attention.shape[1:]).mean(dim=1)
+        return attention, features, self_attention
 
     def _finish(self, item: _Pending, call: _Call) -> Result:
         """Stitch an image's views and run the mask head: the image's :class:`Result`."""
@@ -406,8 +437,7 @@ class MaskDiffusion:
             chunk = queue[start : start + self.batch_size]
             began = time.perf_counter()
             self._encode_missing(chunk, crops)
-            latents = self.add_noise(torch.stack([item.latents[v] for item, v in chunk]), preset)
-            attention, features = self.capture(latents, text, preset)
+            attention, features = self.capture(torch.stack([item.latents[v] for item, v in chunk]), text, preset)
             attention = attention.flatten(1, 2)[:, used]
             share = (time.perf_counter() - began) / len(chunk)
             for row, (item, _) in enumerate(chunk):

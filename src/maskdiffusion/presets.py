@@ -34,6 +34,9 @@ MAX_LAYERS = 16  # entries of attention_factors / feature_blocks
 MAX_UP_BLOCK = 15
 COSINE_RANGE = (-1.0, 1.0)  # scores with normalised prototypes
 POSTERIOR_RANGE = (0.0, 1.0)  # EM scores are class probabilities
+MAX_PASSES = 16  # UNet passes per view of an ensemble: (1 + extra timesteps) x noise samples
+MAX_PROPAGATION_STEPS = 10  # S^k A: past a few steps every map flattens to S's stationary distribution
+MAX_SELF_ATTENTION_TOKENS = 4096  # cells of a captured self-attention layer (64x64): N^2 float32 = 64 MiB per view
 MAX_WEIGHT = 1000.0  # poe_weight, em_concentration, em_prior_weight: past this one term is all that counts
 
 
@@ -52,6 +55,13 @@ class Preset:
         timestep: UNet timestep of the single pass, 0 to 999; 0 = the clean latent (as
             the reference). For t > 0 the latent is noised with seeded noise.
         seed: seed of that noise.
+        ensemble_timesteps: extra timesteps (0 to 999, distinct, not ``timestep``) of a
+            multi-timestep ensemble; ``()`` = off. Each is one more UNet pass per view.
+        noise_samples: noise seeds per timestep (``seed``, ``seed + 1``, ...; the same
+            noise for every view); 1 = off. Every (timestep, seed) pair is one UNet pass
+            (timestep 0 adds no noise: one pass, weighted ``noise_samples``), at most
+            :data:`MAX_PASSES` (16) in all; their attention maps are averaged as
+            log-mean-exp (like heads and layers), their features as a mean.
         separator: text between class names in a prompt.
         attention_mode: ``"exp"`` = exp(QK^T * scale), the reference's un-normalised
             scores; ``"softmax"`` = attention probabilities over the prompt's tokens.
@@ -59,6 +69,14 @@ class Preset:
             cross-attention layers whose maps are averaged.
         attention_factor: factor of the common grid the maps are resized to
             (16 = 32x32 at a 512 view).
+        self_attention_factors: factors of the self-attention layers whose
+            probabilities (mean over heads, layers and the view's passes) propagate the
+            class attention, ``A' = S^k A`` (iSeg, DiffSegmenter); ``()`` = off. Coarser
+            layers are brought to the finest chosen layer's grid; a layer may have at most
+            :data:`MAX_SELF_ATTENTION_TOKENS` (4096, 64x64) cells, so ``S`` stays at
+            most 64 MiB per view (at 512 pixels: factors >= 8).
+        propagation_steps: ``k``, 1 to :data:`MAX_PROPAGATION_STEPS` (10); used only
+            with ``self_attention_factors``.
         feature_blocks: up blocks whose outputs are the features (each L2-normalised,
             then concatenated).
         feature_factor: factor of the grid where features, prototypes and scores live.
@@ -100,10 +118,14 @@ class Preset:
     window_overlap: float = 0.5
     timestep: int = 0
     seed: int = 0
+    ensemble_timesteps: tuple[int, ...] = ()
+    noise_samples: int = 1
     separator: str = " and "
     attention_mode: AttentionMode = "exp"
     attention_factors: tuple[int, ...] = (32, 64)
     attention_factor: int = 16
+    self_attention_factors: tuple[int, ...] = ()
+    propagation_steps: int = 1
     feature_blocks: tuple[int, ...] = (1, 2)
     feature_factor: int = 8
     attention_normalization: AttentionNormalization = "max"
@@ -121,7 +143,7 @@ class Preset:
 
     def __post_init__(self) -> None:
         """Normalise JSON-like values (lists -> tuples, numpy scalars -> Python) and :meth:`check` them."""
-        for name in ("attention_factors", "feature_blocks"):
+        for name in ("attention_factors", "feature_blocks", "self_attention_factors", "ensemble_timesteps"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(_as_int(v) for v in value))
@@ -167,11 +189,13 @@ class Preset:
             _refuse("window_overlap", overlap, "a fraction in [0, 1)")
         _whole(self, "timestep", 0, NUM_TIMESTEPS - 1, f"a whole number from 0 to {NUM_TIMESTEPS - 1}")
         _whole(self, "seed", 0, 2**64 - 1, "a whole number from 0 to 2**64 - 1")
+        self._check_ensemble()
         if not isinstance(self.separator, str) or len(self.separator) > MAX_SEPARATOR_CHARS:
             _refuse("separator", self.separator, f"text of at most {MAX_SEPARATOR_CHARS} characters")
         _choice("attention_mode", self.attention_mode, AttentionMode)
         _factors(self, "attention_factors", 1, size, f"down-sampling factors from 1 to size ({size})")
         _whole(self, "attention_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
+        self._check_self_attention(size)
         _factors(self, "feature_blocks", 0, MAX_UP_BLOCK, f"up-block indices from 0 to {MAX_UP_BLOCK}")
         _whole(self, "feature_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
         _choice("attention_normalization", self.attention_normalization, AttentionNormalization)
@@ -206,6 +230,36 @@ class Preset:
                 )
         _choice("long_vocabulary", self.long_vocabulary, LongVocabulary)
 
+    def _check_ensemble(self) -> None:
+        rule = f"timesteps from 0 to {NUM_TIMESTEPS - 1}, other than timestep ({self.timestep})"
+        extra = _optional_factors(self, "ensemble_timesteps", 0, NUM_TIMESTEPS - 1, rule)
+        if self.timestep in extra:
+            _refuse("ensemble_timesteps", extra, "distinct " + rule)
+        samples = _whole(self, "noise_samples", 1, MAX_PASSES, f"a whole number from 1 to {MAX_PASSES}")
+        passes = (1 + len(extra)) * samples
+        if passes > MAX_PASSES:
+            raise ValueError(
+                f"ensemble_timesteps {extra} x noise_samples {samples} ask for {passes} UNet passes per view; "
+                f"at most {MAX_PASSES}: use fewer timesteps or noise samples"
+            )
+        if self.seed + samples - 1 > 2**64 - 1:
+            _refuse("noise_samples", samples, f"at most {2**64 - self.seed} with seed {self.seed} (seeds < 2**64)")
+
+    def _check_self_attention(self, size: int) -> None:
+        rule = f"down-sampling factors from 1 to size ({size})"
+        factors = _optional_factors(self, "self_attention_factors", 1, size, rule)
+        side = math.isqrt(MAX_SELF_ATTENTION_TOKENS)
+        big = [f for f in factors if (size // f) ** 2 > MAX_SELF_ATTENTION_TOKENS]
+        if big:
+            smallest = -(-size // side)
+            raise ValueError(
+                f"self_attention_factors {big}: at a {size}-pixel view such a layer has "
+                f"{(size // big[0]) ** 2} cells and its self-attention {(size // big[0]) ** 4:,} numbers per view; "
+                f"the cap is {MAX_SELF_ATTENTION_TOKENS} cells ({side}x{side}): use factors >= {smallest} "
+                "at this size, or a smaller size"
+            )
+        _whole(self, "propagation_steps", 1, MAX_PROPAGATION_STEPS, f"a whole number from 1 to {MAX_PROPAGATION_STEPS}")
+
     def score_kind(self) -> str:
         """What the head's scores are, for messages: ``cosine scores``, ``EM posteriors``, ..."""
         if self.refinement == "em" and self.refine_steps:
@@ -229,6 +283,8 @@ _NUMBERS = {
     "window_overlap": float,
     "timestep": int,
     "seed": int,
+    "noise_samples": int,
+    "propagation_steps": int,
     "attention_factor": int,
     "feature_factor": int,
     "background_threshold": float,
@@ -271,6 +327,14 @@ def _factors(preset: Preset, name: str, low: int, high: int, rule: str) -> None:
         _refuse(name, value, f"a list of 1 to {MAX_LAYERS} {rule}")
     if not all(_is_int(v) and low <= v <= high for v in value) or len(set(value)) != len(value):
         _refuse(name, value, f"distinct {rule}")
+
+
+def _optional_factors(preset: Preset, name: str, low: int, high: int, rule: str) -> tuple[int, ...]:
+    """Like :func:`_factors`, empty allowed (= off)."""
+    value = getattr(preset, name)
+    if value != ():
+        _factors(preset, name, low, high, rule)
+    return value
 
 
 def _choice(name: str, value: object, allowed: object) -> None:
