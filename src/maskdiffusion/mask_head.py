@@ -199,11 +199,13 @@ def segment_scores(features: torch.Tensor, attention: torch.Tensor, preset: Pres
     Returns:
         :class:`HeadOutput`.
     """
-    features = F.normalize(features.float(), dim=0)
     if preset.class_presence == "support":
         present = supported_classes(attention, preset.presence_min_cells)
     else:
         present = torch.ones(attention.shape[0], dtype=torch.bool)
+    if preset.scoring == "attention":
+        return HeadOutput(scores=attention.float(), present=present)
+    features = F.normalize(features.float(), dim=0)
     weights = confident_weights(attention, present) if preset.prototype_cells == "confident" else attention
     cosine = preset.scoring != "dot"
     scores = mask_head(features[None], weights[None], normalize_prototypes=cosine)[0]

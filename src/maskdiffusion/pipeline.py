@@ -400,7 +400,9 @@ class MaskDiffusion:
             vocabulary=vocabulary,
             preset=preset,
             weights=weights[:, used],
-            scale=self.card.class_scale(vocabulary) if preset.attention_normalization == "calibrated" else None,
+            scale=self.card.class_scale(vocabulary) ** preset.calibration_strength
+            if preset.attention_normalization == "calibrated"
+            else None,
             keep_features=keep_features,
             warnings=self.warnings(vocabulary),
             preset_name=self.preset_name(preset)[0],
