@@ -118,6 +118,16 @@ def test_captured_self_attention_is_the_mean_over_heads_and_layers_of_the_softma
     torch.testing.assert_close(captured.sum(dim=-1), torch.ones(2, 64), rtol=1e-5, atol=1e-5)
 
 
+def test_self_attention_stays_float32_probabilities_under_bfloat16_autocast(segmenter):
+    preset = BASE.replace(self_attention_factors=(16, 32))  # the 1/32 layer is regridded: einsum under autocast
+    latents, text = latents_of(seed=9), torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        store, _ = UNetCapture(segmenter.unet, segmenter.vae, preset).run(latents, 0, text)
+    captured = store.self_attention_mean()
+    assert captured.dtype == torch.float32 and store.self_attention_layers == 6
+    torch.testing.assert_close(captured.sum(dim=-1), torch.ones(2, 64), rtol=0, atol=1e-5)  # bf16 sums miss by ~1e-2
+
+
 def test_a_coarser_layer_joins_the_finest_grid_reading_block_averages():
     # S_fine A = upsample(S_coarse (A averaged over each coarse cell)): rows stay distributions
     coarse = torch.rand(2, 16, 16).softmax(dim=-1)  # 4x4 grid

@@ -152,8 +152,9 @@ class CaptureStore:
         rows, cols = self.view_size[0] // factor, self.view_size[1] // factor
         if rows * cols != probs.shape[-1] or self.self_attention_grid is None:
             raise RuntimeError(f"self-attention at factor {factor}: {probs.shape[-1]} tokens, expected {rows}x{cols}")
-        probs = regrid_self_attention(probs, (rows, cols), self.self_attention_grid)
-        self.self_attention_sum = probs if self.self_attention_sum is None else self.self_attention_sum + probs
+        with torch.autocast(probs.device.type, enabled=False):  # stays float32 under autocast
+            probs = regrid_self_attention(probs.float(), (rows, cols), self.self_attention_grid)
+        self.self_attention_sum = probs if self.self_attention_sum is None else self.self_attention_sum.add_(probs)
         self.self_attention_layers += 1
 
     def self_attention_mean(self) -> torch.Tensor | None:
