@@ -192,7 +192,10 @@ def test_missing_images_are_named_before_the_model_is_looked_up(images, tmp_path
 def test_settings_are_checked_before_the_model_is_looked_up(images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     base = ["segment", str(images[0]), "--classes", "a, b", "--model", "nobody/not-cached", "--out", str(tmp_path)]
-    for flags, message in [(["--size", "100"], "size"), (["--background-threshold", "2"], "[-1, 1]")]:
+    for flags, message in [
+        (["--size", "100"], "size"),
+        (["--background-threshold", "2"], "EM posteriors lie in [0, 1]"),
+    ]:
         assert main([*base, *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and "not in the local" not in err

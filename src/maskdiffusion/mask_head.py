@@ -205,19 +205,19 @@ def segment_scores(features: torch.Tensor, attention: torch.Tensor, preset: Pres
         present = torch.ones(attention.shape[0], dtype=torch.bool)
     if preset.scoring == "attention":
         return HeadOutput(scores=attention.float(), present=present)
-    features = F.normalize(features.float(), dim=0)
     weights = confident_weights(attention, present) if preset.prototype_cells == "confident" else attention
     cosine = preset.scoring != "dot"
-    scores = mask_head(features[None], weights[None], normalize_prototypes=cosine)[0]
+    scores = mask_head(features[None], weights[None], normalize_prototypes=cosine)[0]  # normalises the features
     if preset.refine_steps and preset.refinement == "hard":
         absent_masked = scores.masked_fill(~present[:, None, None], -torch.inf)
         scores = refine(features[None], absent_masked[None], preset.refine_steps, normalize_prototypes=cosine)[0]
     if preset.scoring == "poe":
         scores = product_of_experts(scores, attention, preset.poe_weight)
     if preset.refine_steps and preset.refinement == "em":
-        prototypes = weights.flatten(1) @ features.flatten(1).T
+        unit = F.normalize(features.float(), dim=0)
+        prototypes = weights.flatten(1) @ unit.flatten(1).T
         scores = em_posterior(
-            features,
+            unit,
             attention,
             prototypes,
             present,

@@ -550,7 +550,8 @@ def train_unet(
     if "unet" in state:
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
-        opt.load_state_dict(state["opt"])
+        if "opt" in state:  # absent when continuing an exported model: the optimiser starts afresh
+            opt.load_state_dict(state["opt"])
         ema.shadow = state["ema"]
     sched = noise_scheduler()
     alphas = sched.alphas_cumprod.float()
@@ -773,6 +774,7 @@ def run(
     init_vae: Path | None = None,
     init_unet: Path | None = None,
     continue_from: Path | None = None,
+    continue_model: Path | None = None,
     stop_at: int | None = None,
     log_every: int = 50,
 ) -> Path:
@@ -783,7 +785,10 @@ def run(
     (EMA) UNet starts this run; the text encoder starts fresh (its shape may differ).
     ``continue_from``: another run's checkpoint whose whole state (models, optimiser, EMA,
     step) this run continues from under *this* configuration (a new stage of training with
-    other losses). ``stop_at``: end (checkpointed) at that step instead of ``cfg.steps``.
+    other losses). ``continue_model``: an exported model folder (``OUT/model``, e.g. the bundled
+    toy model) whose weights, training configuration and step this run continues, to
+    ``cfg.steps``; the optimiser starts afresh and the EMA from the exported (EMA) weights.
+    ``stop_at``: end (checkpointed) at that step instead of ``cfg.steps``.
     """
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
@@ -819,6 +824,10 @@ def run(
         _atomic_save(state, ckpt)
         if (Path(continue_from).parent / LATENTS).exists():
             shutil.copyfile(Path(continue_from).parent / LATENTS, out / LATENTS)
+    if not ckpt.exists() and continue_model is not None:
+        state, cfg = state_from_model(Path(continue_model), steps=cfg.steps)
+        (out / "config.json").write_text(json.dumps(state["config"], indent=2))
+        _atomic_save(state, ckpt)
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
@@ -848,6 +857,32 @@ def run(
     )
 
 
+def state_from_model(folder: Path, *, steps: int) -> tuple[dict, TrainConfig]:
+    """A UNet-phase training state (and its configuration, trained on to ``steps``) from an exported model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    notes = json.loads((folder / "maskdiffusion.json").read_text()).get("notes", {})
+    if "train_config" not in notes or "steps" not in notes:
+        raise ValueError(f"{folder}: its maskdiffusion.json has no notes.train_config / notes.steps to continue from")
+    cfg = dataclasses.replace(TrainConfig.from_dict(notes["train_config"]), steps=steps)
+    if steps <= notes["steps"]:
+        raise ValueError(f"--steps {steps} must be past the model's own {notes['steps']} steps")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    return {
+        "config": dataclasses.asdict(cfg),
+        "phase": "unet",
+        "step": notes["steps"],
+        "vae": vae.state_dict(),
+        "scaling_factor": vae.config.scaling_factor,
+        "unet": unet.state_dict(),
+        "text": text.state_dict(),
+        "ema": [p.detach().clone() for m in (unet, text) for p in m.parameters()],
+    }, cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, log, model/)")
@@ -864,6 +899,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=None,
         help="continue another run's checkpoint.pt (models, optimiser, EMA, step) with this command's settings",
+    )
+    parser.add_argument(
+        "--continue-model",
+        type=Path,
+        default=None,
+        help="continue an exported model folder (weights, training configuration, step) to --steps",
     )
     parser.add_argument("--stop-at", type=int, default=None, help="stop (checkpointed) at this step")
     parser.add_argument(
@@ -892,6 +933,7 @@ def main(argv: list[str] | None = None) -> None:
             init_vae=args.init_vae,
             init_unet=args.init_unet,
             continue_from=args.continue_from,
+            continue_model=args.continue_model,
             stop_at=args.stop_at,
         )
     )
