@@ -1,0 +1,227 @@
+"""Ablation of the mask head's options on the bundled toy model, like a paper's table.
+
+Every row is a preset run through ``MaskDiffusion.segment_batch`` on held-out toy-world scenes
+(``held_out_scenes(N, stream)``, never training scenes, never the gate's stream 0), with the
+world's whole vocabulary as the prompt. Rows:
+
+* baselines: attention only (max-normalised, raw probabilities, calibrated), the reference
+  head, and the plain head (max-normalised attention, cosine prototypes: the project's
+  previous default);
+* each option **added** to the plain head, one at a time;
+* each option **removed** from (or swapped in) the shipped ``default``, one at a time;
+* the opt-in options that need more passes (self-attention propagation, ensembles).
+
+Per row and stream: mIoU with a 95% bootstrap interval (scenes resampled with replacement,
+one confusion matrix per resample), per-class IoU, seconds per image (one thread, after a
+warm-up) and, on the long-vocabulary case (the 8 toy classes spread through 160 COCO-Stuff
+names, ``toyworld_checks.long_vocabulary``), mIoU over the toy classes. ``calibrated`` rows use
+per-word attention measured without labels on stream 2 (:func:`measure_calibration`).
+
+    python benchmarks/ablation.py                     # streams 3 and 4, 200 scenes: ~15 min on 2 CPU cores
+    python benchmarks/ablation.py --scenes 20 --bootstrap 50 --long-scenes 10   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maskdiffusion import MaskDiffusion, Preset
+from maskdiffusion.files import write_text
+from maskdiffusion.metrics import ConfusionMatrix, scores
+from maskdiffusion.toyworld.gate import held_out_scenes
+from maskdiffusion.toyworld.world import CLASS_NAMES, Scene
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toyworld_checks import distractor_names, long_vocabulary
+
+CALIBRATION_STREAM = 2
+SHAPES = CLASS_NAMES[4:]
+
+
+def rows(default: Preset, attention_only: Preset, reference: Preset) -> list[tuple[str, str, Preset]]:
+    """``(group, name, preset)`` of every row, built from the model's own presets."""
+    plain = default.replace(attention_normalization="max", refinement="hard", refine_steps=0)
+    prob = {"attention_normalization": "probabilities"}
+    em = {"refinement": "em", "refine_steps": 10}
+    baseline, added, shipped = "baseline", "added to the plain head", "the shipped default"
+    removed, added_default, extra = "removed from the default", "added to the default", "opt-in, more work"
+    return [
+        (baseline, "attention only, max-normalised", attention_only.replace(attention_normalization="max")),
+        (baseline, "attention only, probabilities (the gate's baseline)", attention_only),
+        (baseline, "attention only, calibrated", attention_only.replace(attention_normalization="calibrated")),
+        (baseline, "reference head (exp, max, dot)", reference),
+        (baseline, "plain head (max, cosine)", plain),
+        (added, "+ probabilities", plain.replace(**prob)),
+        (added, "+ calibrated", plain.replace(attention_normalization="calibrated")),
+        (added, "+ class presence (support)", plain.replace(class_presence="support")),
+        (added, "+ confident cells", plain.replace(prototype_cells="confident")),
+        (added, "+ product of experts", plain.replace(scoring="poe")),
+        (added, "+ hard refinement (2 rounds)", plain.replace(refine_steps=2)),
+        (added, "+ EM", plain.replace(**em)),
+        (added, "+ probabilities + product of experts", plain.replace(**prob, scoring="poe")),
+        (shipped, "default (probabilities + EM)", default),
+        (removed, "- probabilities (max-normalised)", default.replace(attention_normalization="max")),
+        (removed, "- EM (cosine prototypes)", default.replace(refine_steps=0)),
+        (removed, "EM -> product of experts", default.replace(refine_steps=0, scoring="poe")),
+        (added_default, "+ calibrated", default.replace(attention_normalization="calibrated")),
+        (added_default, "+ class presence (support)", default.replace(class_presence="support")),
+        (added_default, "+ confident cells", default.replace(prototype_cells="confident")),
+        (extra, "+ self-attention propagation (factor 8, k=1)", default.replace(self_attention_factors=(8,))),
+        (extra, "+ 4 noise samples", default.replace(noise_samples=4)),
+        (extra, "+ timesteps 200 and 300", default.replace(ensemble_timesteps=(200, 300))),
+    ]
+
+
+def measure_calibration(segmenter: MaskDiffusion, scenes: list[Scene], preset: Preset) -> dict[str, float]:
+    """Per word, its mean attention probability over ``scenes`` (no labels used)."""
+    probe = preset.replace(attention_normalization="probabilities", scoring="attention", refine_steps=0)
+    results = segmenter.segment_batch([s.image for s in scenes], list(CLASS_NAMES), preset=probe)
+    mass = np.mean([r.attention.mean(axis=(1, 2)) for r in results], axis=0)
+    return {name: float(value) for name, value in zip(CLASS_NAMES, mass, strict=True)}
+
+
+def per_scene_matrices(labels: list[np.ndarray], scenes: list[Scene], to_class: np.ndarray) -> np.ndarray:
+    """``(N, C, C + 1)`` counts per scene; the last column counts unassigned pixels."""
+    out = np.zeros((len(scenes), len(CLASS_NAMES), len(CLASS_NAMES) + 1), dtype=np.int64)
+    for i, (prediction, scene) in enumerate(zip(labels, scenes, strict=True)):
+        matrix = ConfusionMatrix(len(CLASS_NAMES))
+        mapped = np.where(prediction >= 0, to_class[np.clip(prediction, 0, None)], -1)
+        matrix.update(mapped, scene.labels)
+        out[i, :, :-1], out[i, :, -1] = matrix.counts, matrix.unassigned
+    return out
+
+
+def summed_scores(counts: np.ndarray) -> dict[str, Any]:
+    matrix = ConfusionMatrix(len(CLASS_NAMES))
+    matrix.counts[:], matrix.unassigned[:] = counts[:, :-1], counts[:, -1]
+    return scores(matrix, CLASS_NAMES)
+
+
+def bootstrap_interval(per_scene: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    """95% interval of the mIoU over scene resamples (with replacement)."""
+    if samples < 1:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    values = [
+        summed_scores(per_scene[rng.integers(0, len(per_scene), len(per_scene))].sum(axis=0))["mIoU"]
+        for _ in range(samples)
+    ]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def run_row(segmenter, preset: Preset, scenes: list[Scene], vocabulary: list[str]) -> tuple[np.ndarray, float]:
+    """Per-scene matrices over the toy classes and seconds per image of one preset on one vocabulary."""
+    images = [s.image for s in scenes]
+    segmenter.segment_batch(images[:2], vocabulary, preset=preset)  # warm-up
+    start = time.perf_counter()
+    results = segmenter.segment_batch(images, vocabulary, preset=preset)
+    seconds = (time.perf_counter() - start) / len(scenes)
+    index = {name: i for i, name in enumerate(CLASS_NAMES)}
+    to_class = np.array([index.get(name, -1) for name in vocabulary], dtype=np.int64)
+    return per_scene_matrices([r.labels for r in results], scenes, to_class), seconds
+
+
+def ablation(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    segmenter = MaskDiffusion.from_pretrained(args.model, device="cpu", batch_size=args.batch_size, cache_size=0)
+    default, attention_only = segmenter.presets["default"], segmenter.presets["attention-only"]
+    calibration = measure_calibration(segmenter, held_out_scenes(args.scenes, CALIBRATION_STREAM), default)
+    segmenter.card = dataclasses.replace(segmenter.card, attention_calibration=calibration)
+    table = rows(default, attention_only, segmenter.presets["reference"])
+    long_names = long_vocabulary(CLASS_NAMES, distractor_names(), "spread")
+    report: dict[str, Any] = {
+        "model": args.model,
+        "scenes": args.scenes,
+        "streams": args.streams,
+        "bootstrap": args.bootstrap,
+        "long_vocabulary": {"names": len(long_names), "scenes": args.long_scenes, "stream": args.streams[-1]},
+        "calibration": {"stream": CALIBRATION_STREAM, "mean_attention": calibration},
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
+        "rows": [],
+    }
+    streams = {stream: held_out_scenes(args.scenes, stream) for stream in args.streams}
+    long_scenes = streams[args.streams[-1]][: args.long_scenes]
+    for group, name, preset in table:
+        row: dict[str, Any] = {"group": group, "name": name, "preset": preset.to_dict(), "streams": {}}
+        for stream, scenes in streams.items():
+            per_scene, seconds = run_row(segmenter, preset, scenes, list(CLASS_NAMES))
+            result = summed_scores(per_scene.sum(axis=0))
+            row["streams"][str(stream)] = {
+                "mIoU": result["mIoU"],
+                "interval": bootstrap_interval(per_scene, args.bootstrap, seed=stream),
+                "per_class_iou": result["per_class_iou"],
+                "seconds_per_image": seconds,
+            }
+        if args.long_scenes:
+            per_scene, _ = run_row(segmenter, preset, long_scenes, long_names)
+            row["long_vocabulary_miou"] = summed_scores(per_scene.sum(axis=0))["mIoU"]
+        report["rows"].append(row)
+        shown = "  ".join(f"stream {s}: {v['mIoU']:.1f}" for s, v in row["streams"].items())
+        print(f"{group:>26} | {name:<52} {shown}", flush=True)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The ablation table (and per-class IoU on the last stream) as Markdown."""
+    streams = [str(s) for s in report["streams"]]
+    lines = [
+        "| group | variant | "
+        + " | ".join(f"stream {s} mIoU [95% CI]" for s in streams)
+        + " | shapes IoU (stream "
+        + streams[-1]
+        + ") | 168 names | ms / image |",
+        "|---" * (5 + len(streams)) + "|",
+    ]
+    for row in report["rows"]:
+        cells = []
+        for s in streams:
+            v = row["streams"][s]
+            cells.append(f"{v['mIoU']:.1f} [{v['interval'][0]:.1f}, {v['interval'][1]:.1f}]")
+        last = row["streams"][streams[-1]]
+        shapes = np.mean([last["per_class_iou"][c] or 0.0 for c in SHAPES])
+        long = row.get("long_vocabulary_miou")
+        lines.append(
+            f"| {row['group']} | {row['name']} | "
+            + " | ".join(cells)
+            + f" | {shapes:.1f} | {'' if long is None else f'{long:.1f}'} | {1000 * last['seconds_per_image']:.0f} |"
+        )
+    lines += ["", f"Per-class IoU, stream {streams[-1]}:", ""]
+    lines.append("| variant | " + " | ".join(CLASS_NAMES) + " |")
+    lines.append("|---" * (len(CLASS_NAMES) + 1) + "|")
+    for row in report["rows"]:
+        per_class = row["streams"][streams[-1]]["per_class_iou"]
+        lines.append(f"| {row['name']} | " + " | ".join(f"{per_class[c] or 0.0:.1f}" for c in CLASS_NAMES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="toy", help="model (default: the bundled toy model)")
+    parser.add_argument("--streams", type=int, nargs="+", default=[3, 4], help="held-out streams (default 3 4)")
+    parser.add_argument("--scenes", type=int, default=200, help="scenes per stream (default 200)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--long-scenes", type=int, default=100, help="scenes of the 168-name case (default 100)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per UNet batch (default 16)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablation"), help="writes OUT.md, OUT.json")
+    args = parser.parse_args(argv)
+    if 0 in args.streams:
+        parser.error("stream 0 is the quality gate's: it is never used for choosing or ablating settings")
+    report = ablation(args)
+    write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_text(args.out.with_suffix(".md"), markdown(report))
+    print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
