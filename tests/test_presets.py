@@ -28,8 +28,12 @@ DEFAULT = PRESETS["default"]
         ({"window_overlap": 1.0}, r"window_overlap must be a fraction in \[0, 1\), got 1.0"),
         ({"window_overlap": math.nan}, r"window_overlap .* got nan"),
         ({"window_overlap": "0.5"}, r"window_overlap .* got '0.5'"),
-        ({"background_threshold": 2.0}, r"background_threshold .*cosine scores lie in \[-1, 1\].*got 2.0"),
-        ({"background_threshold": -1.5}, r"cosine scores lie in \[-1, 1\]"),
+        (
+            {"refine_steps": 0, "background_threshold": 2.0},
+            r"background_threshold .*cosine scores lie in \[-1, 1\].*got 2.0",
+        ),
+        ({"refine_steps": 0, "background_threshold": -1.5}, r"cosine scores lie in \[-1, 1\]"),
+        ({"background_threshold": 1.5}, r"background_threshold .*EM posteriors lie in \[0, 1\].*got 1.5"),
         ({"background_threshold": math.inf}, r"background_threshold must be a finite number or None"),
         ({"background_threshold": math.nan}, r"background_threshold must be a finite number"),
         ({"background_threshold": False}, r"background_threshold must be a finite number"),
@@ -42,8 +46,8 @@ DEFAULT = PRESETS["default"]
         ({"feature_factor": 8.0}, r"feature_factor must be"),
         ({"feature_blocks": (-1,)}, r"feature_blocks must be distinct up-block indices from 0 to 15"),
         ({"feature_blocks": (True,)}, r"feature_blocks must be distinct"),
-        ({"scoring": "cos"}, r"scoring must be 'cosine' or 'dot' or 'poe', got 'cos'"),
-        ({"attention_normalization": "probabilities"}, r"attention_normalization must be 'max' with .*softmax"),
+        ({"scoring": "cos"}, r"scoring must be 'cosine' or 'dot' or 'poe' or 'attention', got 'cos'"),
+        ({"attention_mode": "exp"}, r"attention_normalization must be 'max' with .*softmax"),
         ({"attention_mode": "softmax", "attention_normalization": "none"}, r"attention_normalization must be 'max'"),
         ({"class_presence": True}, r"class_presence must be 'all' or 'support'"),
         ({"presence_min_cells": 0}, r"presence_min_cells must be a whole number of cells from 1"),
@@ -67,8 +71,10 @@ def test_bad_values_are_refused_naming_field_value_and_range(changes, message):
 
 def test_limits_themselves_are_accepted():
     assert DEFAULT.replace(size=MAX_SIZE, timestep=999, refine_steps=MAX_REFINE_STEPS).size == MAX_SIZE
-    assert DEFAULT.replace(background_threshold=-1).background_threshold == -1.0
-    assert DEFAULT.replace(background_threshold=1).background_threshold == 1.0
+    cosine = DEFAULT.replace(refine_steps=0)
+    assert cosine.replace(background_threshold=-1).background_threshold == -1.0
+    assert cosine.replace(background_threshold=1).background_threshold == 1.0
+    assert DEFAULT.replace(background_threshold=0).background_threshold == 0.0  # EM posteriors: [0, 1]
     # the dot-product scores of the reference head are not bounded: any finite threshold
     assert PRESETS["reference"].replace(background_threshold=250.0).background_threshold == 250.0
 
