@@ -130,7 +130,7 @@ def test_settings_notes_are_ignored_and_presets_checked_against_their_base(tmp_p
     presets = model_presets(folder)
     assert presets["reference"].background_threshold == 5.0  # dot-product scores: unbounded
     folder = settings_folder(tmp_path / "b", '{"presets": {"default": {"background_threshold": 5}}}')
-    with pytest.raises(ValueError, match=r"cosine scores lie in \[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"EM posteriors lie in \[0, 1\]"):  # the default head's scores
         model_presets(folder)
 
 

@@ -171,7 +171,7 @@ def test_product_of_experts_adds_the_weighted_log_attention():
     attention[0, 0, 0] = 0.0  # floored, not -inf
     cosine = mask_head(features[None], attention[None])[0]
     poe = product_of_experts(cosine, attention, 0.3)
-    expected = cosine.double() + 0.3 * np.log(np.maximum(attention.double().numpy(), LOG_FLOOR))
+    expected = cosine.double().numpy() + 0.3 * np.log(np.maximum(attention.double().numpy(), LOG_FLOOR))
     np.testing.assert_allclose(poe.double().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 

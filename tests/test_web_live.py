@@ -127,7 +127,7 @@ def test_api_settings_beyond_the_page_are_refused_with_a_message(live, client):
         ({"size": 4096}, "size 4096 is not a whole number from 64 to 1024"),
         ({"size": 96}, "size 96 is not a multiple of 64"),
         ({"preset": "fastest"}, "unknown preset 'fastest'"),
-        ({"threshold": 7.5}, "background threshold 7.5 is not from -1 to 1"),
+        ({"threshold": 7.5}, "background threshold 7.5 is not from 0 to 1"),
         ({"classes": "x" * (web.MAX_CLASS_TEXT + 1)}, "more than this app takes"),
     ]:
         status, overlay, *_ = segment(client, images["small"], **settings)
