@@ -77,10 +77,14 @@ def test_recommended_settings_are_read_by_the_core_loader(tiny_run):
     from maskdiffusion.loading import model_presets
 
     _, model, _ = tiny_run
+    from maskdiffusion.toyworld.train import ATTENTION_ONLY_PRESET, RECOMMENDED_PRESET, REFERENCE_PRESET
+
     presets = model_presets(model)
-    assert presets["default"].size == 64 and presets["default"].attention_factors == (8,)
-    assert presets["default"].feature_blocks == (1,)
-    assert presets["reference"].attention_factors == (8, 16)
+    for name, written in (("default", RECOMMENDED_PRESET), ("attention-only", ATTENTION_ONLY_PRESET),
+                          ("reference", REFERENCE_PRESET)):  # fmt: skip
+        for field, value in written.items():
+            assert getattr(presets[name], field) == (tuple(value) if isinstance(value, list) else value), (name, field)
+    assert presets["attention-only"].scoring == "attention"
 
 
 def test_rerunning_a_finished_run_resumes_instead_of_restarting(tiny_run):

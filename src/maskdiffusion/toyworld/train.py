@@ -670,14 +670,14 @@ RECOMMENDED_PRESET = {
     "timestep": 250,
     "attention_mode": "softmax",
     "attention_normalization": "probabilities",
-    "attention_factors": [8],
+    "attention_factors": [8, 16],
     "attention_factor": 4,
     "feature_blocks": [1],
     "feature_factor": 4,
     "refinement": "em",
     "refine_steps": 10,
-    "em_concentration": 20.0,
-    "em_prior_weight": 2.0,
+    "em_concentration": 30.0,
+    "em_prior_weight": 3.0,
 }
 """The shipped model's settings: the best mask head of a grid on held-out stream 3 (never the gate's
 stream 0) over timestep, attention layers, normalisation and EM weights (docs/ablation.md)."""
