@@ -142,7 +142,7 @@ def run_row(segmenter, preset: Preset, scenes: list[Scene], vocabulary: list[str
     return per_scene_matrices([r.labels for r in results], scenes, to_class), seconds
 
 
-def ablation(args: argparse.Namespace) -> dict[str, Any]:
+def ablation(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     segmenter = MaskDiffusion.from_pretrained(args.model, device="cpu", batch_size=args.batch_size, cache_size=0)
     default, attention_only = segmenter.presets["default"], segmenter.presets["attention-only"]
@@ -152,7 +152,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     long_names = long_vocabulary(CLASS_NAMES, distractor_names(), "spread")
     report: dict[str, Any] = {
         "model": args.model,
-        "command": " ".join(["benchmarks/ablation.py", *sys.argv[1:]]),
+        "command": " ".join(["python benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
         "scenes": args.scenes,
         "streams": args.streams,
         "bootstrap": args.bootstrap,
@@ -185,7 +185,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
 
 INTRO = """# Ablation of the mask head (bundled toy model)
 
-Written by `python benchmarks/ablation.py` ({command}). Every row is a preset run through
+Written by `{command}`. Every row is a preset run through
 `MaskDiffusion.segment_batch` on {scenes} held-out scenes of each stream (never training scenes,
 never the quality gate's stream 0), the world's 8 class words as the prompt. mIoU from one
 confusion matrix per stream; 95% intervals from {bootstrap} bootstrap resamples of the scenes.
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if 0 in args.streams:
         parser.error("stream 0 is the quality gate's: it is never used for choosing or ablating settings")
-    report = ablation(args)
+    report = ablation(args, argv)
     write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     write_text(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
