@@ -29,13 +29,30 @@ def test_result_shapes_follow_the_input_image(segmenter, rng):
     assert (result.labels == result.scores.argmax(axis=0)).mean() > 0.999
 
 
-def test_batched_equals_one_by_one(segmenter, rng):
+HEAD_OPTIONS = {
+    "default": {},
+    "reference": "reference",
+    "support + confident + product of experts": {
+        "refine_steps": 0,
+        "class_presence": "support",
+        "prototype_cells": "confident",
+        "scoring": "poe",
+    },
+    "hard refinement": {"refinement": "hard", "refine_steps": 2},
+}
+
+
+@pytest.mark.parametrize("option", HEAD_OPTIONS)
+def test_batched_equals_one_by_one(segmenter, rng, option):
     # Other batch shapes may change the last bits (other kernels): equal within SCORE_TOLERANCE,
-    # labels equal except where two classes tie within it.
+    # labels equal except where two classes tie within it. Every head option keeps it.
+    changes = HEAD_OPTIONS[option]
+    preset = changes if isinstance(changes, str) else segmenter.preset.replace(**changes)
     images = [picture(rng, 128, 128), picture(rng, 90, 300), picture(rng, 200, 150)]
-    together = segmenter.segment_batch(images, CLASSES)
+    together = segmenter.segment_batch(images, CLASSES, preset=preset)
     for image, batched in zip(images, together, strict=True):
-        alone = segmenter(image, CLASSES)
+        alone = segmenter(image, CLASSES, preset=preset)
+        assert alone.absent == batched.absent
         np.testing.assert_allclose(alone.scores, batched.scores, rtol=0, atol=SCORE_TOLERANCE)
         np.testing.assert_allclose(alone.attention, batched.attention, rtol=1e-4, atol=1e-5)
         assert_labels_equal_except_near_ties(batched.labels, alone.labels, alone.scores)
@@ -46,6 +63,16 @@ def test_the_tie_tolerant_label_check_catches_real_differences(segmenter, rng):
     wrong = (result.labels + 1) % len(CLASSES)  # what a bug (e.g. shuffled views) would give
     with pytest.raises(AssertionError, match="labels differ"):
         assert_labels_equal_except_near_ties(wrong, result.labels, result.scores)
+
+
+@pytest.mark.parametrize("option", HEAD_OPTIONS)
+def test_every_head_option_is_deterministic(segmenter, rng, option):
+    changes = HEAD_OPTIONS[option]
+    preset = changes if isinstance(changes, str) else segmenter.preset.replace(**changes)
+    image = picture(rng, 96, 128)
+    first, second = segmenter(image, CLASSES, preset=preset), segmenter(image, CLASSES, preset=preset)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.grid_scores.numpy(), second.grid_scores.numpy())
 
 
 def test_same_input_gives_the_same_output(segmenter, rng):
