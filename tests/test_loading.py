@@ -287,3 +287,21 @@ def test_a_part_without_weights_is_named(tiny_model, tmp_path):
     (folder / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(ModelNotFoundError, match=r"no weights file in text_encoder/: download the \.safetensors"):
         load_components(folder, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_calibration_scales_come_from_the_card_and_unmeasured_words_are_neutral():
+    from maskdiffusion.prompts import parse_classes
+
+    card = ModelCard(attention_calibration={"grass": 0.2, "Brick  Wall": 0.05})
+    scale = card.class_scale(parse_classes(["grass", "brick wall|wall", "zebra"]))
+    neutral = (0.2 * 0.05) ** 0.5  # geometric mean of the measured words
+    assert scale.tolist() == pytest.approx([0.2, 0.05, neutral])
+    with pytest.raises(ValueError, match="attention_calibration"):
+        ModelCard().class_scale(parse_classes(["grass"]))
+
+
+def test_the_bundled_model_card_lists_its_words_and_their_calibration():
+    card = load_components(resolve_model_folder("toy"), device=torch.device("cpu"), dtype=torch.float32).card
+    assert card.vocabulary is not None and not card.random_weights
+    assert sorted(card.attention_calibration) == sorted(card.vocabulary)
+    assert all(0 < value < 1 for value in card.attention_calibration.values())  # mean probability masses
