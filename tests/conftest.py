@@ -60,3 +60,22 @@ def shared_models():
     cli.load_segmenter = load
     yield
     cli.load_segmenter = original
+
+
+@pytest.fixture(scope="session")
+def tiny_family_model(tmp_path_factory):
+    """``tiny_family_model(family)``: the folder of that family's tiny random model, built once per session.
+
+    Folders are named ``family0``, ``family1``, ... so that no test can pass because a
+    folder's name says what the model is (a Turbo model must be recognised by its contents).
+    """
+    from maskdiffusion.tiny import build_tiny_model
+
+    built = {}
+
+    def folder(family: str):
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp("family"), family=family)
+        return built[family]
+
+    return folder

@@ -1,34 +1,62 @@
-"""A tiny Stable-Diffusion-shaped model with random weights, for tests and the offline demo.
+"""Tiny Stable-Diffusion-shaped models with random weights, one per model family, for tests and the offline demo.
 
-Same topology as SD 1.x (factor-8 VAE, four UNet levels with cross-attention on the
-first three and the mid block, CLIP text encoder, the real CLIP tokenizer), with a few
-channels per layer, saved in the diffusers folder layout so it loads through exactly
-the path real checkpoints take. Its weights are random: it exercises the code, not
-segmentation quality, and its ``maskdiffusion.json`` says so (``"random_weights": true``)
-so results can warn about it.
+Each family keeps the topology of the real models it stands for (VAE factor 8, the real
+CLIP tokenizer, the UNet's block layout, the scheduler configuration, the text encoders)
+with a few channels per layer. The components are assembled into diffusers' own pipeline
+and saved with its ``save_pretrained``, so a folder has exactly the layout a real
+checkpoint has and loads through exactly the path real checkpoints take. The weights are
+random: the models exercise the code, not segmentation quality, and their
+``maskdiffusion.json`` says so (``"random_weights": true``) so results can warn about it.
+
+Families (:data:`TINY_FAMILIES`):
+
+- ``sd1``: SD 1.x (four levels, cross-attention on the first three and the mid block);
+- ``sd2-v``: SD 2.x 768 (v-prediction, linear projections, heads per level, a wider
+  GELU text encoder, ``"!"`` padding, a larger native size: 192 px against sd1's 128);
+- ``three-level``: an SD-shaped UNet with three levels (no cross-attention at 1/64);
+- ``no-mid``: a block-removed distilled UNet without a mid block (BK-SDM);
+- ``sdxl``: SDXL (two text encoders, pooled text and size conditions added to the time
+  embedding, cross-attention at 1/16 and 1/32 only, native 256 px);
+- ``sd-turbo`` / ``sdxl-turbo``: SD-Turbo / SDXL-Turbo: their base model's shapes, the
+  hub snapshot's scheduler (``timestep_spacing="trailing"``), model card front matter and
+  the hub id a pipeline loaded from the hub records in ``model_index.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .prompts import CLIP_CONTEXT, clip_tokenizer
 
-SD_NOISE_SCHEDULE = {
+SCALED_LINEAR_SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+SD_NOISE_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False}
+SD2_V_SCHEDULE = {**SD_NOISE_SCHEDULE, "prediction_type": "v_prediction", "timestep_spacing": "leading"}
+SDXL_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "timestep_spacing": "leading"}  # EulerDiscreteScheduler
+TURBO_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "timestep_spacing": "trailing"}  # sd-turbo, sdxl-turbo
+SD2_PAD_TOKEN = "!"  # OpenCLIP's tokenizer (SD 2.x, SDXL's tokenizer_2) pads with "!", CLIP's with <|endoftext|>
+
+SD_TURBO_CARD = "---\npipeline_tag: text-to-image\ninference: false\n---\n\n# SD-Turbo Model Card\n"
+SDXL_TURBO_CARD = (
+    "---\npipeline_tag: text-to-image\ninference: false\nlicense: other\nlicense_name: sai-nc-community\n"
+    "license_link: https://huggingface.co/stabilityai/sdxl-turbo/blob/main/LICENSE.md\n---\n\n"
+    "# SDXL-Turbo Model Card\n"
+)
 
 
 def save_model_index(folder: Path, *, text_encoder: str = "CLIPTextModel") -> None:
@@ -50,26 +78,52 @@ def save_model_index(folder: Path, *, text_encoder: str = "CLIPTextModel") -> No
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Build the tiny random model into ``folder`` (created; replaced atomically) and return it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _unet(**changes):
+    """The sd1 tiny UNet (four levels, 32-64 channels, 16x16 latents = 128 px), with ``changes``."""
+    from diffusers import UNet2DConditionModel
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
-    width = 32
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=width,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    config = {
+        "sample_size": 16,
+        "block_out_channels": (32, 32, 64, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    }
+    return UNet2DConditionModel(**{**config, **changes})
+
+
+def _sd2_unet(**changes):
+    """SD 2.x's UNet options: linear projections in the transformers, a head count per level."""
+    return _unet(cross_attention_dim=48, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True, **changes)
+
+
+def _sdxl_unet(*, text_width: int, pooled_width: int, **changes):
+    """SDXL's UNet: three levels, no cross-attention at the finest, pooled text + 6 size ids added to the time."""
+    time_ids_width = 8
+    return _unet(
+        sample_size=32,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=text_width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_ids_width,
+        projection_class_embeddings_input_dim=6 * time_ids_width + pooled_width,
+        **changes,
     )
-    vae = AutoencoderKL(
+
+
+def _vae(scaling_factor: float = 0.18215, **changes):
+    """A factor-8 VAE (four levels) with 16-32 channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(16, 16, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -77,32 +131,178 @@ def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0) -> Path:
         norm_num_groups=8,
         layers_per_block=1,
         sample_size=128,
+        scaling_factor=scaling_factor,
+        **changes,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CLIP_CONTEXT,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+
+
+def _tokenizer(pad_token: str | None = None):
+    """A copy of the bundled CLIP tokenizer (the cached one is shared), optionally with another pad token."""
+    tokenizer = copy.deepcopy(clip_tokenizer())
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    return tokenizer
+
+
+def _text_encoder(width: int, *, hidden_act: str = "quick_gelu", projection_dim: int | None = None):
+    """A two-layer CLIP text encoder over the full CLIP vocabulary; with ``projection_dim``, one with a projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        hidden_act=hidden_act,
+        max_position_embeddings=CLIP_CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection_dim or width,
     )
+    return CLIPTextModel(config) if projection_dim is None else CLIPTextModelWithProjection(config)
+
+
+def _sd_pipeline(unet, text_encoder, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sd1():
+    from diffusers import DDIMScheduler
+
+    return _sd_pipeline(_unet(), _text_encoder(32), _tokenizer(), DDIMScheduler(**SD_NOISE_SCHEDULE))
+
+
+def _sd2_v():
+    from diffusers import DDIMScheduler
+
+    return _sd_pipeline(
+        _sd2_unet(sample_size=24, upcast_attention=True),
+        _text_encoder(48, hidden_act="gelu"),
+        _tokenizer(SD2_PAD_TOKEN),
+        DDIMScheduler(**SD2_V_SCHEDULE),
+    )
+
+
+def _three_level():
+    from diffusers import DDIMScheduler
+
+    unet = _unet(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    return _sd_pipeline(unet, _text_encoder(32), _tokenizer(), DDIMScheduler(**SD_NOISE_SCHEDULE))
+
+
+def _no_mid():
+    from diffusers import DDIMScheduler
+
+    return _sd_pipeline(_unet(mid_block_type=None), _text_encoder(32), _tokenizer(), DDIMScheduler(**SD_NOISE_SCHEDULE))
+
+
+def _sd_turbo():
+    from diffusers import EulerDiscreteScheduler
+
+    return _sd_pipeline(
+        _sd2_unet(),
+        _text_encoder(48, hidden_act="gelu"),
+        _tokenizer(SD2_PAD_TOKEN),
+        EulerDiscreteScheduler(**TURBO_SCHEDULE),
+    )
+
+
+def _sdxl_pipeline(scheduler):
+    """SDXL: CLIP ViT-L-like and OpenCLIP bigG-like encoders; the UNet reads both penultimate states, concatenated."""
+    from diffusers import StableDiffusionXLPipeline
+
+    width, width_2, pooled = 16, 32, 16
+    return StableDiffusionXLPipeline(
+        vae=_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=_text_encoder(width),
+        text_encoder_2=_text_encoder(width_2, hidden_act="gelu", projection_dim=pooled),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(SD2_PAD_TOKEN),
+        unet=_sdxl_unet(text_width=width + width_2, pooled_width=pooled),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _sdxl():
+    from diffusers import EulerDiscreteScheduler
+
+    return _sdxl_pipeline(EulerDiscreteScheduler(**SDXL_SCHEDULE))
+
+
+def _sdxl_turbo():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    return _sdxl_pipeline(EulerAncestralDiscreteScheduler(**TURBO_SCHEDULE))
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How to build one family's tiny pipeline, and what its folder says about itself besides the weights.
+
+    Attributes:
+        build: makes the pipeline (random weights from the current torch seed).
+        hub_id: recorded as ``_name_or_path`` in ``model_index.json``, as diffusers does for a
+            pipeline loaded by hub id and saved again.
+        card: ``README.md`` (the model card's front matter and title, as the hub snapshot has).
+    """
+
+    build: Callable[[], object]
+    hub_id: str | None = None
+    card: str | None = None
+
+
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "sd1": TinyFamily(_sd1),
+    "sd2-v": TinyFamily(_sd2_v),
+    "three-level": TinyFamily(_three_level),
+    "no-mid": TinyFamily(_no_mid),
+    "sdxl": TinyFamily(_sdxl),
+    "sd-turbo": TinyFamily(_sd_turbo, hub_id="stabilityai/sd-turbo", card=SD_TURBO_CARD),
+    "sdxl-turbo": TinyFamily(_sdxl_turbo, hub_id="stabilityai/sdxl-turbo", card=SDXL_TURBO_CARD),
+}
+
+
+def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0, family: str = "sd1") -> Path:
+    """Build the tiny random model of ``family`` into ``folder`` (created; replaced atomically) and return it."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
+    kind = TINY_FAMILIES[family]
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    pipe = kind.build()
+    if kind.hub_id is not None:
+        pipe.register_to_config(_name_or_path=kind.hub_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    unet.save_pretrained(staging / "unet")
-    vae.save_pretrained(staging / "vae")
-    text_encoder.save_pretrained(staging / "text_encoder")
-    tokenizer.save_pretrained(staging / "tokenizer")
-    DDIMScheduler(**SD_NOISE_SCHEDULE).save_pretrained(staging / "scheduler")
-    save_model_index(staging)
-    mark_random_weights(staging)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if kind.card is not None:
+            (staging / "README.md").write_text(kind.card)
+        mark_random_weights(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     staging.rename(folder)
     return folder
