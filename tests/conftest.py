@@ -79,3 +79,29 @@ def tiny_family_model(tmp_path_factory):
         return built[family]
 
     return folder
+
+
+@pytest.fixture
+def hub_cached(tmp_path, monkeypatch, tiny_family_model):
+    """``hub_cached(family, repo_id)``: a family's tiny model where the hub cache keeps a download of ``repo_id``.
+
+    A fresh cache folder is made the test's hub cache (``huggingface_hub.constants.HF_HUB_CACHE``)
+    and the model is placed where a download lands (``models--ORG--NAME/snapshots/REVISION``
+    with ``refs/main``), so whatever looks a hub id up cache-first finds it, offline.
+    """
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def place(family: str, repo_id: str):
+        repo, revision = cache / f"models--{repo_id.replace('/', '--')}", "0" * 40
+        snapshot = repo / "snapshots" / revision
+        shutil.copytree(tiny_family_model(family), snapshot)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        return snapshot
+
+    return place

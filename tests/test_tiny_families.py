@@ -28,7 +28,12 @@ PIPELINE_CLASS = {
     "sd-turbo": "StableDiffusionPipeline",
     "sdxl-turbo": "StableDiffusionXLPipeline",
 }
-TURBO_HUB_IDS = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
+# What the hub snapshots of stabilityai/sd-turbo and stabilityai/sdxl-turbo say of themselves besides their hub id:
+# model_index.json's _name_or_path (SDXL-Turbo's has none) and the model card's title.
+TURBO = {
+    "sd-turbo": ("/home/patrick/sd-turbo/", "# SD-Turbo Model Card"),
+    "sdxl-turbo": (None, "# SDXL-Turbo Model Card"),
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
 
 
@@ -193,9 +198,11 @@ def test_euler_schedulers_carry_their_hub_configuration(family, scheduler, tiny_
 @pytest.mark.parametrize(("family", "base"), [("sd-turbo", "sd2-v"), ("sdxl-turbo", "sdxl")])
 def test_turbo_folders_say_so_as_a_hub_download_does_and_keep_their_base_shapes(family, base, tiny_family_model):
     folder = tiny_family_model(family)
-    assert json.loads((folder / "model_index.json").read_text())["_name_or_path"] == TURBO_HUB_IDS[family]
+    name_or_path, title = TURBO[family]
+    assert json.loads((folder / "model_index.json").read_text()).get("_name_or_path") == name_or_path
     card = (folder / "README.md").read_text()
     assert card.startswith("---\npipeline_tag: text-to-image\ninference: false\n")
+    assert f"\n---\n\n{title}\n" in card
     unet, base_unet = (json.loads((f / "unet" / "config.json").read_text()) for f in (folder, tiny_family_model(base)))
     shape_keys = [
         "block_out_channels",
@@ -208,7 +215,7 @@ def test_turbo_folders_say_so_as_a_hub_download_does_and_keep_their_base_shapes(
     assert unet["use_linear_projection"] is True
 
 
-@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f not in TURBO_HUB_IDS])
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f not in TURBO])
 def test_only_turbo_folders_mention_turbo(family, tiny_family_model):
     folder = tiny_family_model(family)
     texts = [p for p in folder.rglob("*") if p.suffix in (".json", ".md") and p.name != "tokenizer.json"]  # not vocab
@@ -263,8 +270,18 @@ def test_failed_build_leaves_the_existing_folder_and_no_staging(tmp_path, monkey
     existing = tmp_path / "model"
     existing.mkdir()
     (existing / "model_index.json").write_text('{"old": true}')
-    monkeypatch.setitem(TINY_FAMILIES, "full-disk", TinyFamily(FullDisk, hub_id="x/y"))
+    monkeypatch.setitem(TINY_FAMILIES, "full-disk", TinyFamily(FullDisk, name_or_path="x/y"))
     with pytest.raises(OSError, match="No space left"):
         build_tiny_model(existing, family="full-disk")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert json.loads((existing / "model_index.json").read_text()) == {"old": True}
+
+
+@pytest.mark.parametrize("family", list(TURBO))
+def test_a_turbo_model_in_the_hub_cache_is_found_by_its_hub_id_offline(family, hub_cached):
+    from maskdiffusion.loading import resolve_model_folder
+
+    snapshot = hub_cached(family, f"stabilityai/{family}")
+    folder = resolve_model_folder(f"stabilityai/{family}", local_files_only=True)
+    assert Path(folder) == snapshot
+    assert f"models--stabilityai--{family}" in Path(folder).parts

@@ -17,9 +17,14 @@ Families (:data:`TINY_FAMILIES`):
 - ``no-mid``: a block-removed distilled UNet without a mid block (BK-SDM);
 - ``sdxl``: SDXL (two text encoders, pooled text and size conditions added to the time
   embedding, cross-attention at 1/16 and 1/32 only, native 256 px);
-- ``sd-turbo`` / ``sdxl-turbo``: SD-Turbo / SDXL-Turbo: their base model's shapes, the
-  hub snapshot's scheduler (``timestep_spacing="trailing"``), model card front matter and
-  the hub id a pipeline loaded from the hub records in ``model_index.json``.
+- ``sd-turbo`` / ``sdxl-turbo``: SD-Turbo / SDXL-Turbo: their base model's shapes (SD 2.x
+  base, SDXL) and what the hub snapshots of ``stabilityai/sd-turbo`` and
+  ``stabilityai/sdxl-turbo`` hold besides: their scheduler configuration (Euler /
+  Euler ancestral, epsilon, ``timestep_spacing="trailing"``), their model card's front
+  matter and title (``README.md``) and, for SD-Turbo only, the ``_name_or_path`` its
+  ``model_index.json`` carries (the converter's local folder). A download also sits in the
+  hub cache under ``models--stabilityai--sd-turbo``: the hub id, not the folder, is what
+  names it most reliably.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ SDXL_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "timestep_spacing": "leading"}  # Eul
 TURBO_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "timestep_spacing": "trailing"}  # sd-turbo, sdxl-turbo
 SD2_PAD_TOKEN = "!"  # OpenCLIP's tokenizer (SD 2.x, SDXL's tokenizer_2) pads with "!", CLIP's with <|endoftext|>
 
+# stabilityai/sd-turbo's model_index.json (616 bytes, diffusers 0.24.0.dev0) names the folder it was converted in;
+# stabilityai/sdxl-turbo's (685 bytes) has no _name_or_path.
+SD_TURBO_NAME_OR_PATH = "/home/patrick/sd-turbo/"
 SD_TURBO_CARD = "---\npipeline_tag: text-to-image\ninference: false\n---\n\n# SD-Turbo Model Card\n"
 SDXL_TURBO_CARD = (
     "---\npipeline_tag: text-to-image\ninference: false\nlicense: other\nlicense_name: sai-nc-community\n"
@@ -261,13 +269,12 @@ class TinyFamily:
 
     Attributes:
         build: makes the pipeline (random weights from the current torch seed).
-        hub_id: recorded as ``_name_or_path`` in ``model_index.json``, as diffusers does for a
-            pipeline loaded by hub id and saved again.
+        name_or_path: ``_name_or_path`` in ``model_index.json``, as the real snapshot's file has it.
         card: ``README.md`` (the model card's front matter and title, as the hub snapshot has).
     """
 
     build: Callable[[], object]
-    hub_id: str | None = None
+    name_or_path: str | None = None
     card: str | None = None
 
 
@@ -277,8 +284,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "three-level": TinyFamily(_three_level),
     "no-mid": TinyFamily(_no_mid),
     "sdxl": TinyFamily(_sdxl),
-    "sd-turbo": TinyFamily(_sd_turbo, hub_id="stabilityai/sd-turbo", card=SD_TURBO_CARD),
-    "sdxl-turbo": TinyFamily(_sdxl_turbo, hub_id="stabilityai/sdxl-turbo", card=SDXL_TURBO_CARD),
+    "sd-turbo": TinyFamily(_sd_turbo, name_or_path=SD_TURBO_NAME_OR_PATH, card=SD_TURBO_CARD),
+    "sdxl-turbo": TinyFamily(_sdxl_turbo, card=SDXL_TURBO_CARD),
 }
 
 
@@ -290,8 +297,8 @@ def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0, family: str = 
     folder = Path(folder)
     torch.manual_seed(seed)
     pipe = kind.build()
-    if kind.hub_id is not None:
-        pipe.register_to_config(_name_or_path=kind.hub_id)
+    if kind.name_or_path is not None:
+        pipe.register_to_config(_name_or_path=kind.name_or_path)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
