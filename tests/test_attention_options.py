@@ -208,7 +208,7 @@ def test_one_noised_pass_equals_the_schedules_formula(segmenter):
     noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(11))
     alpha = segmenter.alphas_cumprod[300]
     noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise  # the same noise for every view
-    store, _ = UNetCapture(segmenter.unet, segmenter.vae, preset).run(noisy, 300, text.expand(2, -1, -1))
+    store, _ = UNetCapture(segmenter.unet, segmenter.vae, preset).run(noisy, 300, text.hidden.expand(2, -1, -1))
     torch.testing.assert_close(attention, store.layer_mean().view(2, 1, 77, 8, 8), rtol=0, atol=0)
     expected_features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
     torch.testing.assert_close(features, expected_features, rtol=0, atol=0)

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .presets import Preset
+from .presets import AUTO, Preset
 from .views import bilinear_matrix, resize_maps
+
+AUTO_MIN_FACTOR = 32  # "auto" attention: layers with at most 16x16 queries at a 512 view (the reference's set)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class UNetLayout:
     levels: int
     cross_attention: dict[str, int]
     self_attention: dict[str, int] = field(default_factory=dict)
+    up_block_factors: tuple[int, ...] = ()  # factor of each up block's output (after its upsampler)
 
     @property
     def block(self) -> int:
@@ -71,9 +74,49 @@ class UNetLayout:
             else:
                 continue
             factors[kind][name] = vae_factor * 2**level
+        outputs = []
+        for index, block in enumerate(unet.up_blocks):
+            level = levels - 1 - index - (1 if getattr(block, "upsamplers", None) else 0)
+            outputs.append(vae_factor * 2 ** max(level, 0))
         return cls(
-            vae_factor=vae_factor, levels=levels, cross_attention=factors[".attn2."], self_attention=factors[".attn1."]
+            vae_factor=vae_factor,
+            levels=levels,
+            cross_attention=factors[".attn2."],
+            self_attention=factors[".attn1."],
+            up_block_factors=tuple(outputs),
         )
+
+    def auto_attention_factors(self) -> tuple[int, ...]:
+        """``attention_factors="auto"``: every cross-attention level at factor >= :data:`AUTO_MIN_FACTOR`,
+        or the coarsest level when there is none that coarse."""
+        available = sorted(set(self.cross_attention.values()))
+        if not available:
+            raise ValueError("this UNet has no cross-attention layer: it cannot be prompted with class names")
+        chosen = tuple(f for f in available if f >= AUTO_MIN_FACTOR)
+        return chosen or (available[-1],)
+
+    def auto_feature_blocks(self) -> tuple[int, ...]:
+        """``feature_blocks="auto"``: the first up blocks whose outputs lie at twice and at once the VAE's
+        factor (the decoder at 1/16 and 1/8 of the view in Stable Diffusion)."""
+        chosen = []
+        for factor in (2 * self.vae_factor, self.vae_factor):
+            if factor in self.up_block_factors:
+                chosen.append(self.up_block_factors.index(factor))
+        if not chosen:
+            raise ValueError(
+                f"this UNet's up blocks output at factors {list(self.up_block_factors)}; none at "
+                f"{2 * self.vae_factor} or {self.vae_factor}: set Preset.feature_blocks"
+            )
+        return tuple(chosen)
+
+    def resolve(self, preset: Preset) -> Preset:
+        """``preset`` with its ``"auto"`` layer fields replaced by this UNet's choice."""
+        changes = {}
+        if preset.attention_factors == AUTO:
+            changes["attention_factors"] = self.auto_attention_factors()
+        if preset.feature_blocks == AUTO:
+            changes["feature_blocks"] = self.auto_feature_blocks()
+        return preset.replace(**changes) if changes else preset
 
     def select(self, attention_factors: tuple[int, ...]) -> dict[str, int]:
         """Processors of the cross-attention layers at the given factors; error if a factor has none."""
@@ -380,7 +423,7 @@ class UNetCapture:
     def __init__(self, unet, vae, preset: Preset):
         self.unet = unet
         self.layout = UNetLayout.of(unet, vae)
-        self.preset = preset
+        self.preset = preset = self.layout.resolve(preset)
         self.layers = self.layout.select(preset.attention_factors)
         self.self_layers = self.layout.select_self(preset.self_attention_factors)
         up_count = len(unet.up_blocks)
@@ -431,8 +474,10 @@ class UNetCapture:
         *,
         stop_early: bool = True,
         keep_queries: bool = False,
+        added_conditions: dict[str, torch.Tensor] | None = None,
     ) -> tuple[CaptureStore, torch.Tensor | None]:
-        """One pass over ``latents`` ``(B, c, h, w)`` with ``text`` ``(B, T, E)``.
+        """One pass over ``latents`` ``(B, c, h, w)`` with ``text`` ``(B, T, E)`` (and SDXL's
+        ``added_conditions``: pooled text embeddings and size/crop ids).
 
         Returns the store (attention log-maps on the 1/``attention_factor`` grid,
         features on the 1/``feature_factor`` grid, self-attention of the
@@ -453,7 +498,9 @@ class UNetCapture:
         raw: dict[int, torch.Tensor] = {}
         output = None
         with self._installed([store], raw, stop_early), suppress(_PassComplete):
-            output = self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            output = self.unet(
+                latents, timestep, encoder_hidden_states=text, added_cond_kwargs=added_conditions, return_dict=False
+            )[0]
         feature_grid = (view[0] // self.preset.feature_factor, view[1] // self.preset.feature_factor)
         with torch.autocast(latents.device.type, enabled=False):
             for index in self.preset.feature_blocks:

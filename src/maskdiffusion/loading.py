@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .families import FAMILIES, Family, ModelDescription, detect, family_changes, native_size
 from .presets import PRESETS, Preset
 from .prompts import ClassName, read_small_text, shorten
 
@@ -32,6 +33,9 @@ HUB_FILES = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",  # SDXL's second text encoder and tokenizer
+    "text_encoder_2/model.safetensors",
+    "tokenizer_2/*",
 ]
 SETTINGS_FILE = "maskdiffusion.json"  # optional: preset overrides and the model card
 MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few hundred bytes; refuse anything past 1 MiB
@@ -220,7 +224,11 @@ class ModelCard:
 
 @dataclass
 class Components:
-    """The frozen models, on one device, in eval mode, with gradients off."""
+    """The frozen models (on one device, in eval mode, gradients off when loaded from a folder).
+
+    ``text_encoder_2`` / ``tokenizer_2``: SDXL's second ones (``None`` otherwise);
+    ``folder``: where they were loaded from (``None`` for a pipeline already in memory).
+    """
 
     vae: torch.nn.Module
     unet: torch.nn.Module
@@ -228,8 +236,11 @@ class Components:
     tokenizer: object
     alphas_cumprod: torch.Tensor
     presets: dict[str, Preset]
-    folder: Path
+    folder: Path | None
     card: ModelCard = ModelCard()
+    family: Family = FAMILIES["sd1"]
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
 
 
 def _json_kind(value: object) -> str:
@@ -267,8 +278,12 @@ def read_settings(folder: Path) -> dict:
     return settings
 
 
-def model_presets(folder: Path, settings: dict | None = None) -> dict[str, Preset]:
-    """Named presets for this model: the global ones with the folder's overrides applied.
+def model_presets(
+    folder: Path, settings: dict | None = None, family: tuple[Family, int] | None = None
+) -> dict[str, Preset]:
+    """Named presets for this model: the global ones, the family's changes, then the folder's overrides.
+
+    ``family``: the model's family and native view size (:func:`folder_family`).
 
     ``maskdiffusion.json`` may hold ``{"presets": {"default": {...}, "reference": {...}}}``
     with field overrides for models whose shapes differ from Stable Diffusion's; every
@@ -281,18 +296,60 @@ def model_presets(folder: Path, settings: dict | None = None) -> dict[str, Prese
         raise ValueError(
             f'{where}: "presets" must be an object mapping preset names to field values, not {_json_kind(overrides)}'
         )
-    presets = dict(PRESETS)
+    presets = family_presets(*family) if family is not None else dict(PRESETS)
     for name, changes in overrides.items():
         if not isinstance(changes, dict):
             raise ValueError(
                 f"{where}: preset {shorten(name)} must be an object of field values, not {_json_kind(changes)}"
             )
-        base = presets.get(name, PRESETS["default"]).to_dict()
+        base = presets.get(name, presets["default"]).to_dict()
         try:
             presets[name] = Preset.from_dict({**base, **changes})
         except ValueError as error:
             raise ValueError(f"{where}: preset {shorten(name)}: {error}") from None
     return presets
+
+
+def family_presets(family: Family, size: int) -> dict[str, Preset]:
+    """:data:`PRESETS` with ``family``'s changes and the model's native view ``size`` in every one."""
+    return {name: preset.replace(**family_changes(family, size)) for name, preset in PRESETS.items()}
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"cannot read {str(path)!r} ({_first_line(error)}): is the folder complete?") from None
+    return value if isinstance(value, dict) else {}
+
+
+def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tuple[Family, int]:
+    """The :class:`~maskdiffusion.families.Family` of a model folder and its native view size.
+
+    ``names``: what the model was asked for by (a hub id); the folder path and the UNet
+    configuration's ``_name_or_path`` are added.
+    """
+    unet = _json_file(folder / "unet" / "config.json")
+    scheduler = _json_file(folder / "scheduler" / "scheduler_config.json")
+    size = native_size(unet, _json_file(folder / "vae" / "config.json"))
+    try:
+        family = detect(
+            ModelDescription(
+                unet=unet,
+                scheduler=scheduler,
+                two_text_encoders=(folder / "text_encoder_2").is_dir(),
+                names=(
+                    *names,
+                    str(folder),
+                    str(unet.get("_name_or_path", "")),
+                    str(_json_file(folder / "model_index.json").get("_name_or_path", "")),
+                ),
+                declared=settings.get("family"),
+            )
+        )
+    except ValueError as error:
+        raise ValueError(f"model settings file {str(folder / SETTINGS_FILE)!r}: {error}") from None
+    return family, size
 
 
 def model_card(folder: Path, settings: dict | None = None) -> ModelCard:
@@ -325,7 +382,7 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")  # plus text_encoder_2 where the folder has one
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -347,7 +404,7 @@ def check_weights(folder: Path) -> None:
         raise ModelNotFoundError(
             f"model folder {str(folder)!r} is not a diffusers Stable Diffusion folder: missing {missing}"
         )
-    for part in WEIGHT_PARTS:
+    for part in (*WEIGHT_PARTS, *(["text_encoder_2"] if (folder / "text_encoder_2").is_dir() else [])):
         files = sorted((folder / part).glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in (folder / part).iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -371,7 +428,7 @@ def check_weights(folder: Path) -> None:
 
 
 def _safetensors_name(part: str) -> str:
-    return "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
 
 
 def _load_part(folder: Path, part: str, load):
@@ -387,18 +444,20 @@ def _load_part(folder: Path, part: str, load):
         ) from error
 
 
-def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load VAE, UNet, text encoder, tokenizer and noise schedule from a local folder.
+def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype, names: Sequence[str] = ()) -> Components:
+    """Load VAE, UNet, text encoder(s), tokenizer(s) and noise schedule from a local folder.
 
     The settings file is checked first, then the weights files (:func:`check_weights`);
-    every failure names the file or part.
+    every failure names the file or part. ``names``: what the model was asked for by (a hub
+    id), for recognising its family (:func:`folder_family`).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers.utils import logging as hf_logging
 
     settings = read_settings(folder)
-    presets, card = model_presets(folder, settings), model_card(folder, settings)
+    family, size = folder_family(folder, settings, names)
+    presets, card = model_presets(folder, settings, (family, size)), model_card(folder, settings)
     check_weights(folder)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -411,6 +470,11 @@ def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype) -
         ),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"),
     }
+    if family.text_encoders == 2:
+        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", dtype=dtype, use_safetensors=True
+        )
+        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     try:
         parts = {part: _load_part(folder, part, load) for part, load in loaders.items()}
     finally:
@@ -423,14 +487,56 @@ def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype) -
         from .tiny import SD_NOISE_SCHEDULE
 
         schedule = DDPMScheduler(**{k: v for k, v in SD_NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
-    for part in WEIGHT_PARTS:
-        parts[part].to(device).eval().requires_grad_(False)
+    for part in (*WEIGHT_PARTS, "text_encoder_2"):
+        if part in parts:
+            parts[part].to(device).eval().requires_grad_(False)
     return Components(
         **parts,
         alphas_cumprod=schedule.alphas_cumprod.to(torch.float32),
         presets=presets,
         folder=folder,
         card=card,
+        family=family,
+    )
+
+
+def components_from_pipe(pipe) -> Components:
+    """The components of a diffusers Stable Diffusion / SDXL pipeline already in memory, shared, not copied.
+
+    Nothing of the pipeline is changed: its modules keep their device, dtype, mode and
+    gradient flags (every maskdiffusion pass runs under ``torch.no_grad``), and the attention
+    processors a pass installs are restored after it.
+    """
+    for part in COMPONENTS:
+        if getattr(pipe, part, None) is None:
+            raise ValueError(
+                f"the pipeline has no {part}: from_pipe takes a Stable Diffusion 1.x/2.x or SDXL pipeline "
+                "(StableDiffusionPipeline, StableDiffusionXLPipeline, ...)"
+            )
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    name = str(getattr(pipe, "name_or_path", "") or pipe.unet.config.get("_name_or_path", ""))
+    family = detect(
+        ModelDescription(
+            unet=dict(pipe.unet.config),
+            scheduler=dict(pipe.scheduler.config),
+            two_text_encoders=text_encoder_2 is not None,
+            names=(name,),
+        )
+    )
+    schedule = getattr(pipe.scheduler, "alphas_cumprod", None)
+    if schedule is None:
+        raise ValueError(f"the pipeline's scheduler ({type(pipe.scheduler).__name__}) has no alphas_cumprod")
+    return Components(
+        vae=pipe.vae,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        alphas_cumprod=schedule.detach().to("cpu", torch.float32),
+        presets=family_presets(family, native_size(dict(pipe.unet.config), dict(pipe.vae.config))),
+        folder=None,
+        family=family,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None) if text_encoder_2 is not None else None,
     )
 
 

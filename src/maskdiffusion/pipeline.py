@@ -14,11 +14,20 @@ import torch
 from PIL import Image
 
 from .capture import PassAverage, UNetCapture, UNetLayout, ensemble_passes, propagate
-from .loading import DEFAULT_MODEL, Components, load_components, pick_device, pick_dtype, resolve_model_folder
+from .loading import (
+    DEFAULT_MODEL,
+    Components,
+    components_from_pipe,
+    load_components,
+    pick_device,
+    pick_dtype,
+    resolve_model_folder,
+)
 from .mask_head import class_attention, segment_scores
 from .presets import Preset, resolve_preset
-from .prompts import ClassName, PromptBatch, build_prompts, parse_classes
+from .prompts import ClassName, PromptBatch, parse_classes
 from .result import BACKGROUND, Result
+from .text import TextConditioning, build_prompt_batches, encode
 from .views import (
     DEFAULT_LIMITS,
     ImageInput,
@@ -125,13 +134,17 @@ class MaskDiffusion:
         self.unet = components.unet
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer_2 = components.tokenizer_2
+        self.family = components.family
         self.alphas_cumprod = components.alphas_cumprod
-        self.presets = components.presets
         self.card = components.card
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
         self.layout = UNetLayout.of(self.unet, self.vae)
+        # named presets with their "auto" layers resolved for this UNet (Result JSON and metrics record these)
+        self.presets = {name: self.layout.resolve(p) for name, p in components.presets.items()}
         self.preset = self._preset(preset)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -152,7 +165,8 @@ class MaskDiffusion:
         limits: InputLimits = DEFAULT_LIMITS,
         local_files_only: bool | None = None,
     ) -> MaskDiffusion:
-        """Load a Stable Diffusion 1.x/2.x model (hub id, folder, or ``tiny-random``).
+        """Load a Stable Diffusion model of any family in :data:`~maskdiffusion.families.FAMILIES` (SD 1.x/2.x,
+        SDXL, distilled, Turbo): a hub id, a folder, ``toy`` or ``tiny-random``.
 
         Arguments:
             model: hub id (looked up in the local cache first) or diffusers folder.
@@ -168,7 +182,7 @@ class MaskDiffusion:
         dtype = pick_dtype(dtype)
         folder = resolve_model_folder(model, local_files_only=local_files_only)
         weights_dtype = torch.float32 if device.type == "cpu" else dtype
-        components = load_components(folder, device=device, dtype=weights_dtype)
+        components = load_components(folder, device=device, dtype=weights_dtype, names=(model,))
         return cls(
             components,
             model_id=model,
@@ -180,12 +194,46 @@ class MaskDiffusion:
             limits=limits,
         )
 
+    @classmethod
+    def from_pipe(
+        cls,
+        pipe,
+        *,
+        preset: str | Preset | None = None,
+        batch_size: int = 4,
+        cache_size: int = 32,
+        limits: InputLimits = DEFAULT_LIMITS,
+    ) -> MaskDiffusion:
+        """Wrap a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline already in memory.
+
+        Its modules are shared, not copied, and left as they are: their device, dtype, mode
+        and gradient flags are kept, every pass runs under ``torch.no_grad``, and the
+        attention processors a pass installs are replaced by the pipeline's own after it.
+        The family (and so the presets) is recognised from the pipeline's configurations.
+
+        Arguments:
+            pipe: e.g. a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+            preset, batch_size, cache_size, limits: as in :meth:`from_pretrained`.
+        """
+        components = components_from_pipe(pipe)
+        model_id = str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
+        return cls(
+            components,
+            model_id=model_id,
+            device=pipe.unet.device,
+            dtype=pipe.unet.dtype,
+            preset=preset,
+            batch_size=batch_size,
+            cache_size=cache_size,
+            limits=limits,
+        )
+
     # -- inputs --------------------------------------------------------------------
 
     def _preset(self, preset: str | Preset | None, base: Preset | None = None) -> Preset:
         fallback = base or self.presets["default"]
         chosen = self.presets[preset] if isinstance(preset, str) and preset in self.presets else preset
-        chosen = resolve_preset(chosen, fallback)
+        chosen = self.layout.resolve(resolve_preset(chosen, fallback))
         chosen.check()
         if chosen.size % self.layout.block:
             raise ValueError(
@@ -243,11 +291,20 @@ class MaskDiffusion:
             return torch.autocast("cpu", dtype=self.dtype)
         return nullcontext()
 
+    @property
+    def tokenizers(self) -> list[object]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: PromptBatch) -> torch.Tensor:
-        """``(P, T, E)`` text embeddings of the prompts."""
+    def encode_prompts(self, prompts: PromptBatch | Sequence[PromptBatch]) -> TextConditioning:
+        """The prompts' :class:`~maskdiffusion.text.TextConditioning` (one batch per tokenizer)."""
+        batches = [prompts] if isinstance(prompts, PromptBatch) else list(prompts)
         with self._autocast():
-            return self.text_encoder(prompts.input_ids.to(self.device))[0]
+            return encode(self.text_encoders, batches, self.device)
 
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
@@ -268,7 +325,9 @@ class MaskDiffusion:
         return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
 
     @torch.no_grad()
-    def capture(self, latents: torch.Tensor, text: torch.Tensor, preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
+    def capture(
+        self, latents: torch.Tensor, text: TextConditioning, preset: Preset
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every UNet pass the preset asks for over clean latents, averaged, attention propagated.
 
         One pass per (timestep, noise seed) of :func:`~maskdiffusion.capture.ensemble_passes`
@@ -279,7 +338,7 @@ class MaskDiffusion:
         passes' self-attention, ``S^k A``.
 
         Arguments:
-            latents: ``(V, c, h, w)`` clean latents; text: ``(P, T, E)``.
+            latents: ``(V, c, h, w)`` clean latents; text: the ``P`` prompts' conditioning.
 
         Returns:
             ``(V, P, T, ha, wa)`` float32 attention log-maps (mean over heads and layers)
@@ -291,31 +350,41 @@ class MaskDiffusion:
         attention, features, self_attention = average.mean()
         if self_attention is not None:
             finest = min(preset.self_attention_factors)
-            view = (latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor)
+            view = self._view_pixels(latents)
             grid = (view[0] // finest, view[1] // finest)
             attention = propagate(attention, self_attention, grid, preset.propagation_steps)
         return attention.cpu(), features.cpu()
 
+    def _view_pixels(self, latents: torch.Tensor) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the views whose latents are ``latents``."""
+        return latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor
+
     def _pass(
-        self, latents: torch.Tensor, timestep: int, text: torch.Tensor, preset: Preset
+        self, latents: torch.Tensor, timestep: int, text: TextConditioning, preset: Preset
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One UNet pass at ``timestep``: :meth:`capture`'s attention and features, and ``(V, N, N)`` self-attention.
 
         With several prompts (``batch``), features and self-attention are the mean over the
         prompts' passes of a view.
         """
-        views, prompts = latents.shape[0], text.shape[0]
+        views, prompts = latents.shape[0], len(text)
         shared = preset.long_vocabulary == "shared-queries" and prompts > 1
         passes = 1 if shared else prompts
         batch_latents = latents.repeat_interleave(passes, dim=0).to(self.unet.dtype)
-        batch_text = text[:passes].repeat(views, 1, 1).to(self.unet.dtype)
+        batch_text = text.batch(passes, views, self.unet.dtype)
         capture = UNetCapture(self.unet, self.vae, preset)
         with self._autocast():
-            store, _ = capture.run(batch_latents, timestep, batch_text, keep_queries=shared)
+            store, _ = capture.run(
+                batch_latents,
+                timestep,
+                batch_text.hidden,
+                keep_queries=shared,
+                added_conditions=batch_text.added_conditions(self._view_pixels(latents)),
+            )
             attention = store.layer_mean()
             if shared:
                 attention = torch.stack(
-                    [attention, *(store.attend(text[p : p + 1]).layer_mean() for p in range(1, prompts))], 1
+                    [attention, *(store.attend(text.hidden[p : p + 1]).layer_mean() for p in range(1, prompts))], 1
                 )
         attention = attention.reshape(views, prompts, *attention.shape[-3:])
         features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
@@ -392,7 +461,8 @@ class MaskDiffusion:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         vocabulary, preset = self.check_inputs(classes, preset)
-        prompts = build_prompts(self.tokenizer, vocabulary, preset.separator)
+        batches = build_prompt_batches(self.tokenizers, vocabulary, preset.separator)
+        prompts = batches[0]
         mass = preset.attention_normalization != "max"  # probabilities: a word's tokens' mass, not their mean
         weights = prompts.token_weights("sum" if mass else "mean").flatten(1)  # (C, P*T)
         used = weights.sum(dim=0) > 0
@@ -407,7 +477,7 @@ class MaskDiffusion:
             warnings=self.warnings(vocabulary),
             preset_name=self.preset_name(preset)[0],
         )
-        text = self.encode_prompts(prompts)
+        text = self.encode_prompts(batches)
         unit = max(self.layout.block, preset.attention_factor, preset.feature_factor)
 
         results: list[Result | ImageLoadError | None] = [None] * len(images)

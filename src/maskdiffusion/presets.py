@@ -24,6 +24,8 @@ PrototypeCells = Literal["all", "confident"]
 Scoring = Literal["cosine", "dot", "poe", "attention"]
 Refinement = Literal["hard", "em"]
 LongVocabulary = Literal["batch", "shared-queries"]
+Auto = Literal["auto"]
+AUTO = "auto"  # layer fields chosen from the UNet's own layout (MaskDiffusion resolves them)
 
 MAX_SIZE = 2048  # view short side: past Stable Diffusion's training sizes (512-1024), and memory grows as its square
 SIZE_STEP = 8  # model blocks are multiples of it (64 for SD, 16 for the toy model); the pipeline checks the model's own
@@ -66,7 +68,10 @@ class Preset:
         attention_mode: ``"exp"`` = exp(QK^T * scale), the reference's un-normalised
             scores; ``"softmax"`` = attention probabilities over the prompt's tokens.
         attention_factors: down-sampling factors (view size / layer size) of the
-            cross-attention layers whose maps are averaged.
+            cross-attention layers whose maps are averaged, or ``"auto"``: chosen from
+            the UNet (:data:`AUTO`, the reference's intent: every cross-attention level
+            at factor >= 32, i.e. at most 16x16 queries at a 512 view; the coarsest level
+            if the UNet has none that coarse).
         attention_factor: factor of the common grid the maps are resized to
             (16 = 32x32 at a 512 view).
         self_attention_factors: factors of the self-attention layers whose
@@ -78,7 +83,10 @@ class Preset:
         propagation_steps: ``k``, 1 to :data:`MAX_PROPAGATION_STEPS` (10); used only
             with ``self_attention_factors``.
         feature_blocks: up blocks whose outputs are the features (each L2-normalised,
-            then concatenated).
+            then concatenated), or ``"auto"``: the decoder's semantic levels by role, the
+            first up blocks whose outputs lie at twice and at once the VAE's factor (1/16
+            and 1/8 of the view in Stable Diffusion: ``up_blocks[1]`` and ``[2]`` in SD 1.x,
+            ``[0]`` and ``[1]`` in SDXL).
         feature_factor: factor of the grid where features, prototypes and scores live.
         attention_normalization: how class maps are made comparable (see
             :mod:`maskdiffusion.mask_head`): ``"max"`` divides each by its maximum (the
@@ -126,11 +134,11 @@ class Preset:
     noise_samples: int = 1
     separator: str = " and "
     attention_mode: AttentionMode = "exp"
-    attention_factors: tuple[int, ...] = (32, 64)
+    attention_factors: tuple[int, ...] | Auto = (32, 64)
     attention_factor: int = 16
     self_attention_factors: tuple[int, ...] = ()
     propagation_steps: int = 1
-    feature_blocks: tuple[int, ...] = (1, 2)
+    feature_blocks: tuple[int, ...] | Auto = (1, 2)
     feature_factor: int = 8
     attention_normalization: AttentionNormalization = "max"
     calibration_strength: float = 0.5
@@ -198,10 +206,14 @@ class Preset:
         if not isinstance(self.separator, str) or len(self.separator) > MAX_SEPARATOR_CHARS:
             _refuse("separator", self.separator, f"text of at most {MAX_SEPARATOR_CHARS} characters")
         _choice("attention_mode", self.attention_mode, AttentionMode)
-        _factors(self, "attention_factors", 1, size, f"down-sampling factors from 1 to size ({size})")
+        _factors(
+            self, "attention_factors", 1, size, f"down-sampling factors from 1 to size ({size}), or 'auto'", auto=True
+        )
         _whole(self, "attention_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
         self._check_self_attention(size)
-        _factors(self, "feature_blocks", 0, MAX_UP_BLOCK, f"up-block indices from 0 to {MAX_UP_BLOCK}")
+        _factors(
+            self, "feature_blocks", 0, MAX_UP_BLOCK, f"up-block indices from 0 to {MAX_UP_BLOCK}, or 'auto'", auto=True
+        )
         _whole(self, "feature_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
         _choice("attention_normalization", self.attention_normalization, AttentionNormalization)
         if self.attention_normalization != "max" and self.attention_mode != "softmax":
@@ -333,9 +345,11 @@ def _whole(preset: Preset, name: str, low: int, high: int, rule: str) -> int:
     return value
 
 
-def _factors(preset: Preset, name: str, low: int, high: int, rule: str) -> None:
-    """A non-empty tuple of distinct whole numbers in ``[low, high]``."""
+def _factors(preset: Preset, name: str, low: int, high: int, rule: str, *, auto: bool = False) -> None:
+    """A non-empty tuple of distinct whole numbers in ``[low, high]`` (or ``"auto"`` where allowed)."""
     value = getattr(preset, name)
+    if auto and value == AUTO:
+        return
     if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_LAYERS:
         _refuse(name, value, f"a list of 1 to {MAX_LAYERS} {rule}")
     if not all(_is_int(v) and low <= v <= high for v in value) or len(set(value)) != len(value):
@@ -366,6 +380,8 @@ PRESETS: dict[str, Preset] = {
     # of a von Mises-Fisher mixture with the attention as prior, kappa 20 / beta 2 (lambda =
     # beta / kappa = 0.1, the product-of-experts weight that held over 0.05-0.3).
     "default": Preset(
+        attention_factors=AUTO,
+        feature_blocks=AUTO,
         timestep=250,
         attention_mode="softmax",
         attention_normalization="probabilities",
@@ -376,7 +392,12 @@ PRESETS: dict[str, Preset] = {
     ),
     # The baseline the head must beat: the default pass's class attention, argmax, no features.
     "attention-only": Preset(
-        timestep=250, attention_mode="softmax", attention_normalization="probabilities", scoring="attention"
+        attention_factors=AUTO,
+        feature_blocks=AUTO,
+        timestep=250,
+        attention_mode="softmax",
+        attention_normalization="probabilities",
+        scoring="attention",
     ),
     # The reference mask head: exp scores, 16x16 + 8x8 layers, 32x32 maps, max-normalised,
     # dot product with the un-normalised prototype; features on the same 1/16 grid as the maps.
