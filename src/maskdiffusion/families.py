@@ -105,7 +105,7 @@ RULES: list[tuple[str, Callable[[ModelDescription], bool]]] = [
 def detect(model: ModelDescription) -> Family:
     """The family of ``model``: the declared one, else the first of :data:`RULES` that matches."""
     if model.declared is not None:
-        if model.declared not in FAMILIES:
+        if not isinstance(model.declared, str) or model.declared not in FAMILIES:  # a JSON list is unhashable
             raise ValueError(f'"family" {model.declared!r} is not one of {", ".join(FAMILIES)}')
         return FAMILIES[model.declared]
     return FAMILIES[next(name for name, rule in RULES if rule(model))]
