@@ -8,6 +8,7 @@ diffusers itself, and on the bundled toy model.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -119,15 +120,8 @@ def layout_of(folder) -> UNetLayout:
 
 @pytest.fixture(scope="module")
 def layout(tiny_family_model):
-    """``layout(family)``: the :class:`UNetLayout` of a tiny family's model."""
-    layouts = {}
-
-    def of(family: str) -> UNetLayout:
-        if family not in layouts:
-            layouts[family] = layout_of(tiny_family_model(family))
-        return layouts[family]
-
-    return of
+    """``layout(family)``: the :class:`UNetLayout` of a tiny family's model, loaded once."""
+    return functools.cache(lambda family: layout_of(tiny_family_model(family)))
 
 
 AUTO_LAYERS = {  # family -> (attention factors, feature blocks) the "auto" rule picks
@@ -188,21 +182,9 @@ def test_auto_layers_a_unet_cannot_have_are_clear_errors():
         coarse_decoder.auto_feature_blocks()
 
 
-@pytest.fixture(scope="module")
-def segmenter_of(tiny_family_model):
-    segmenters = {}
-
-    def load(family: str) -> MaskDiffusion:
-        if family not in segmenters:
-            segmenters[family] = MaskDiffusion.from_pretrained(str(tiny_family_model(family)), device="cpu")
-        return segmenters[family]
-
-    return load
-
-
 @pytest.mark.parametrize(("family", "layers"), [("no-mid", [8, 16, 32]), ("sdxl", [16, 32])])
-def test_reference_preset_fails_clearly_where_the_unet_lacks_its_fixed_layers(family, layers, segmenter_of):
-    seg = segmenter_of(family)
+def test_reference_preset_fails_clearly_where_the_unet_lacks_its_fixed_layers(family, layers, tiny_family_model):
+    seg = MaskDiffusion.from_pretrained(str(tiny_family_model(family)), device="cpu")
     image = np.full((64, 96, 3), 128, np.uint8)
     message = (
         rf"this UNet has no cross-attention layer at down-sampling factor\(s\) \[64\]; it has layers at "
