@@ -20,6 +20,7 @@ from PIL import Image
 
 from maskdiffusion import MaskDiffusion, cli
 from maskdiffusion.families import TURBO_TIMESTEP
+from maskdiffusion.presets import AUTO
 from maskdiffusion.prompts import VocabularyError, parse_classes
 from maskdiffusion.text import TextConditioning, build_prompt_batches
 from maskdiffusion.tiny import TINY_FAMILIES
@@ -87,6 +88,7 @@ def test_api_segments_with_the_default_preset_and_records_the_resolved_layers(fa
     assert seg.family.name == name
     assert seg.preset.size == size
     assert seg.preset.timestep == (TURBO_TIMESTEP if "turbo" in family else 250)
+    assert all(AUTO not in (p.attention_factors, p.feature_blocks) for p in seg.presets.values())  # resolved once
     result = seg(scene(), classes=CLASSES)
     assert result.labels.shape == (64, 96)
     assert set(np.unique(result.labels)) <= {0, 1, 2}
@@ -133,6 +135,14 @@ def test_evaluate_runs_every_family_and_metrics_record_the_resolved_layers(
     assert metrics["num_images"] == 2 and metrics["num_failed"] == 0
     assert_resolved_layers(metrics["settings"]["preset"], family)
     assert metrics["preset"] == metrics["settings"]["preset"]
+
+
+def test_a_model_is_recognised_by_the_hub_id_it_was_asked_for(hub_cached):
+    """An SD-shaped checkpoint whose files do not say Turbo is SD-Turbo when asked for by a hub id that does."""
+    hub_cached("sd1", "stabilityai/sd-turbo")
+    seg = MaskDiffusion.from_pretrained("stabilityai/sd-turbo", device="cpu", local_files_only=True)
+    assert seg.family.name == "sd-turbo"
+    assert {p.timestep for p in seg.presets.values()} == {TURBO_TIMESTEP}
 
 
 # -- SDXL: two tokenizers, two encoders, added conditions -------------------------------------------
