@@ -326,8 +326,9 @@ def _json_file(path: Path) -> dict:
 def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tuple[Family, int]:
     """The :class:`~maskdiffusion.families.Family` of a model folder and its native view size.
 
-    ``names``: what the model was asked for by (a hub id); the folder path and the UNet
-    configuration's ``_name_or_path`` are added.
+    ``names``: what the model was asked for by (a hub id); the folder's own name (not its
+    parents'), the hub cache's ``models--org--name`` and the configurations'
+    ``_name_or_path`` are added.
     """
     unet = _json_file(folder / "unet" / "config.json")
     scheduler = _json_file(folder / "scheduler" / "scheduler_config.json")
@@ -340,7 +341,8 @@ def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tu
                 two_text_encoders=(folder / "text_encoder_2").is_dir(),
                 names=(
                     *names,
-                    str(folder),
+                    folder.name,
+                    *(part for part in folder.parts if part.startswith("models--")),  # a hub cache: models--org--name
                     str(unet.get("_name_or_path", "")),
                     str(_json_file(folder / "model_index.json").get("_name_or_path", "")),
                 ),
@@ -459,11 +461,14 @@ def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype, n
     family, size = folder_family(folder, settings, names)
     presets, card = model_presets(folder, settings, (family, size)), model_card(folder, settings)
     check_weights(folder)
+    # SDXL's VAE overflows in float16 (its config says force_upcast): keep it in float32, as diffusers does
+    upcast = dtype == torch.float16 and _json_file(folder / "vae" / "config.json").get("force_upcast", False)
+    vae_dtype = torch.float32 if upcast else dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     loaders = {
-        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=True),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, use_safetensors=True),
         "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(
             folder / "text_encoder", dtype=dtype, use_safetensors=True

@@ -373,12 +373,12 @@ def _choice(name: str, value: object, allowed: object) -> None:
 PRESETS: dict[str, Preset] = {
     # Ours, for Stable Diffusion (its numbers cannot be measured here; docs/ablation.md has the
     # reasons and the toy model's measurements): layers chosen from the UNet ("auto": in SD 1.x
-    # the reference's 16x16 + 8x8 cross-attention layers), as softmax probabilities, not max-normalised (an absent class keeps its low mass
-    # instead of getting a peak); raw decoder features of up_blocks[1] and up_blocks[2] (the
-    # training-free counterpart of the reference's ODISE features) at t = 250 (DIFT: most
-    # semantic near t = 261; on the toy model 200-300 beat 0-100 by 3-4 points); 10 EM rounds
-    # of a von Mises-Fisher mixture with the attention as prior, kappa 20 / beta 2 (lambda =
-    # beta / kappa = 0.1, the product-of-experts weight that held over 0.05-0.3).
+    # the reference's 16x16 + 8x8 cross-attention layers and the decoder's up_blocks[1] and [2],
+    # the training-free counterpart of the reference's ODISE features); softmax probabilities,
+    # not max-normalised (an absent class keeps its low mass instead of getting a peak);
+    # t = 250 (DIFT: most semantic near t = 261; on the toy model 200-300 beat 0-100 by 3-4
+    # points); 10 EM rounds of a von Mises-Fisher mixture with the attention as prior, kappa 20 /
+    # beta 2 (lambda = beta / kappa = 0.1, the product-of-experts weight that held over 0.05-0.3).
     "default": Preset(
         attention_factors=AUTO,
         feature_blocks=AUTO,
