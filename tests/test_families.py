@@ -230,3 +230,25 @@ def test_a_bad_declared_family_names_the_settings_file(declared, tiny_family_mod
     where = re.escape(f"model settings file {str(folder / SETTINGS_FILE)!r}")
     with pytest.raises(ValueError, match=rf'{where}: "family" .* is not one of sd1, sd2, sd2-v, sdxl, distilled'):
         MaskDiffusion.from_pretrained(str(folder), device="cpu")
+
+
+def test_only_the_folders_own_name_says_what_it_is_not_its_parents(tiny_family_model, tmp_path):
+    parent = tmp_path / "my-turbo-experiments" / "bk-sdm-notes"
+    plain = shutil.copytree(tiny_family_model("sd1"), parent / "sd15")
+    assert folder_family(plain, read_settings(plain))[0].name == "sd1"
+    named = shutil.copytree(tiny_family_model("sd1"), tmp_path / "sd-turbo-copy")
+    assert folder_family(named, read_settings(named))[0].name == "sd-turbo"
+
+
+def test_a_half_precision_vae_that_asks_for_upcast_stays_in_float32(tiny_family_model, tmp_path):
+    import torch
+
+    from maskdiffusion.loading import load_components
+
+    folder = shutil.copytree(tiny_family_model("sdxl"), tmp_path / "xl")
+    config = folder / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": True}))
+    loaded = load_components(folder, device=torch.device("cpu"), dtype=torch.float16)
+    assert loaded.vae.dtype == torch.float32 and loaded.unet.dtype == torch.float16
+    config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": False}))
+    assert load_components(folder, device=torch.device("cpu"), dtype=torch.float16).vae.dtype == torch.float16
