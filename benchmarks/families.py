@@ -10,7 +10,7 @@ builds and measures in processes of its own, so the peak resident set (``ru_maxr
 family's alone. A family whose float32 weights would not fit in ``--max-gib`` (24) GiB, or in
 the memory this machine has free, is skipped and the results say so.
 
-    python benchmarks/families.py                      # every family, ~40 min on 2 cores
+    python benchmarks/families.py                      # every family, ~25 min on 2 cores
     python benchmarks/families.py --families sd1 sdxl  # some of them
 
 Writes ``benchmarks/results/families-cpu.md``.
@@ -295,8 +295,9 @@ def time_views(seg, *, repeats: int) -> dict:
     """Segment one random native x native image with ``seg``: seconds per view and memory.
 
     Returns the family, native size, the layers "auto" chose, per-call seconds (after one
-    warm-up call), the weights' bytes, the resident set now (after loading), the peak during
-    the calls (sampled) and the process's peak (``ru_maxrss``: loading included).
+    warm-up call) and the CPU seconds per second they used, the weights' bytes, the resident
+    set now (after loading), the peak during the calls (sampled) and the process's peak
+    (``ru_maxrss``: loading included).
     """
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench import PeakMemory  # beside this file
@@ -305,12 +306,13 @@ def time_views(seg, *, repeats: int) -> dict:
     preset = seg.presets["default"]
     image = (np.random.default_rng(0).random((preset.size, preset.size, 3)) * 255).astype(np.uint8)
     seg(image, CLASSES)  # warm-up
-    seconds, view_peak = [], 0
+    seconds, cpu_seconds, view_peak = [], 0.0, 0
     for _ in range(repeats):
         with PeakMemory(torch.device("cpu")) as peak:
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             result = seg(image, CLASSES)
             seconds.append(time.perf_counter() - began)
+            cpu_seconds += time.process_time() - began_cpu
         view_peak = max(view_peak, peak.peak)
     if result.labels.shape != (preset.size, preset.size):
         raise RuntimeError(f"labels of shape {result.labels.shape} for a {preset.size}-pixel view")
@@ -323,6 +325,7 @@ def time_views(seg, *, repeats: int) -> dict:
         "timestep": preset.timestep,
         "seconds": seconds,
         "median_seconds": statistics.median(seconds),
+        "cores_busy": cpu_seconds / sum(seconds),  # below the thread count: the cores were shared (or idle)
         "weights_bytes": sum(p.numel() * p.element_size() for m in modules for p in m.parameters()),
         "rss_after_load": after_load,
         "view_peak_rss": view_peak,
@@ -407,7 +410,12 @@ def report(rows: list[dict], skipped: dict[str, str], *, repeats: int, threads: 
     """The results page: header (CPU, software, load) and one table row per family."""
     model, flags = cpu_description()
     loads = [load for row in rows for load in row["load_1min"]]
-    load = f" 1-minute load average {min(loads):.2f}-{max(loads):.2f} around the runs." if loads else ""
+    load = (
+        f" 1-minute load average {min(loads):.2f}-{max(loads):.2f} before and after the measurements (this "
+        "benchmark's own threads included)."
+        if loads
+        else ""
+    )
     lines = [
         "# Model families on the CPU: seconds and memory per view at the native size",
         "",
@@ -417,23 +425,26 @@ def report(rows: list[dict], skipped: dict[str, str], *, repeats: int, threads: 
         "Random weights in each family's real shapes (`benchmarks/families.py` cites the configs), saved as "
         "safetensors and loaded by `MaskDiffusion.from_pretrained` in a fresh process per family. One view = one "
         "random image of exactly native x native pixels, 10 classes, `default` preset (t and layers as the family "
-        f"sets them), latent cache off; median of {repeats} calls after a warm-up. Memory: float32 weights; peak "
-        "resident set sampled during the calls; peak of the whole process (`ru_maxrss`, loading included).",
+        f"sets them), latent cache off; median of {repeats} calls after a warm-up. Cores busy: CPU seconds per "
+        "second during the calls (below the thread count when other work shared the cores). Memory: float32 "
+        "weights; peak resident set sampled during the calls; peak of the whole process (`ru_maxrss`, loading "
+        "included).",
         "",
-        "| family | shapes of | native size | layers chosen by auto | t | s / view (median) | min-max s "
+        "| family | shapes of | native size | layers chosen by auto | t | s / view (median) | min-max s | cores busy "
         "| weights GiB | peak RSS in a view GiB | process peak RSS GiB | load s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['name']} | {row.get('hub_id', '-')} | {row['size']} | {_layers(row)} | {row['timestep']} "
             f"| {row['median_seconds']:.1f} | {min(row['seconds']):.1f}-{max(row['seconds']):.1f} "
+            f"| {row['cores_busy']:.2f} "
             f"| {row['weights_bytes'] / GIB:.2f} | {row['view_peak_rss'] / GIB:.2f} "
             f"| {row['process_peak_rss'] / GIB:.2f} | {row['load_seconds']:.1f} |"
         )
     for name, reason in skipped.items():
         lines.append(
-            f"| {name} | {SHAPES[name].hub_id if name in SHAPES else '-'} | - | skipped: {reason} | | | | | | | |"
+            f"| {name} | {SHAPES[name].hub_id if name in SHAPES else '-'} | - | skipped: {reason} | | | | | | | | |"
         )
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from maskdiffusion import MaskDiffusion
 from maskdiffusion.families import FAMILIES
@@ -60,6 +61,7 @@ def test_a_view_is_timed_at_the_native_size_with_the_layers_the_model_chose(tmp_
     assert row["attention_factors"] == list(chosen.attention_factors)
     assert row["feature_blocks"] == list(chosen.feature_blocks)
     assert len(row["seconds"]) == 2 and min(row["seconds"]) <= row["median_seconds"] <= max(row["seconds"])
+    assert 0 < row["cores_busy"] <= torch.get_num_threads() + 0.5  # CPU seconds per second of the calls
     weights = sum(p.numel() * 4 for m in (seg.unet, seg.vae, *seg.text_encoders) for p in m.parameters())
     assert row["weights_bytes"] == weights
     assert row["view_peak_rss"] > weights and row["process_peak_rss"] >= row["view_peak_rss"] * 0.99
@@ -83,12 +85,14 @@ def test_families_that_would_not_fit_are_skipped_with_the_reason():
 def test_report_has_a_row_per_family_and_says_which_were_skipped():
     row = {"name": "sd1", "hub_id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "size": 512,
            "attention_factors": [32, 64], "feature_blocks": [1, 2], "timestep": 250, "seconds": [2.0, 1.0, 3.0],
-           "median_seconds": 2.0, "load_seconds": 4.0, "weights_bytes": 4 * GIB, "view_peak_rss": 5 * GIB,
-           "process_peak_rss": 6 * GIB, "load_1min": [0.5, 1.5]}  # fmt: skip
+           "median_seconds": 2.0, "cores_busy": 1.9, "load_seconds": 4.0, "weights_bytes": 4 * GIB,
+           "view_peak_rss": 5 * GIB, "process_peak_rss": 6 * GIB, "load_1min": [0.5, 1.5]}  # fmt: skip
     text = families.report([row], {"sdxl": "needs ~16.2 GiB; this machine had 12.0 GiB free"}, repeats=3, threads=2)
     lines = text.splitlines()
     assert "| sd1 | stable-diffusion-v1-5/stable-diffusion-v1-5 | 512 | cross-attention 1/32, 1/64; " in text
-    assert any(line.startswith("| sd1 |") and "| 2.0 | 1.0-3.0 | 4.00 | 5.00 | 6.00 | 4.0 |" in line for line in lines)
+    assert any(
+        line.startswith("| sd1 |") and "| 2.0 | 1.0-3.0 | 1.90 | 4.00 | 5.00 | 6.00 | 4.0 |" in line for line in lines
+    )
     assert any(line.startswith("| sdxl |") and "skipped: needs ~16.2 GiB" in line for line in lines)
     assert "load average 0.50-1.50" in text and "2 torch threads" in text
     model, flags = families.cpu_description()
