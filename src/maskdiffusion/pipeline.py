@@ -6,7 +6,6 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +23,7 @@ from .loading import (
     resolve_model_folder,
 )
 from .mask_head import class_attention, segment_scores
+from .precision import Precision
 from .presets import Preset, resolve_preset
 from .prompts import ClassName, PromptBatch, parse_classes
 from .result import BACKGROUND, Result
@@ -129,6 +129,7 @@ class MaskDiffusion:
         batch_size: int = 4,
         cache_size: int = 32,
         limits: InputLimits = DEFAULT_LIMITS,
+        precision: Precision | None = None,
     ):
         self.vae = components.vae
         self.unet = components.unet
@@ -142,6 +143,7 @@ class MaskDiffusion:
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
+        self.precision = precision or Precision(dtype=dtype, weights=self.unet.dtype, channels_last=False)
         self.layout = UNetLayout.of(self.unet, self.vae)
         # named presets with their "auto" layers resolved for this UNet (Result JSON and metrics record these)
         self.presets = {name: self.layout.resolve(p) for name, p in components.presets.items()}
@@ -164,6 +166,8 @@ class MaskDiffusion:
         cache_size: int = 32,
         limits: InputLimits = DEFAULT_LIMITS,
         local_files_only: bool | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ) -> MaskDiffusion:
         """Load a Stable Diffusion model of any family in :data:`~maskdiffusion.families.FAMILIES` (SD 1.x/2.x,
         SDXL, distilled, Turbo): a hub id, a folder, ``toy`` or ``tiny-random``.
@@ -171,18 +175,25 @@ class MaskDiffusion:
         Arguments:
             model: hub id (looked up in the local cache first) or diffusers folder.
             device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``mps``.
-            dtype: ``float32`` (default), ``float16`` or ``bfloat16``. On the CPU the
-                weights stay float32 and the passes run under bfloat16/float16 autocast.
+            dtype: ``float32`` (default), ``float16`` or ``bfloat16``: the weights are stored
+                in it (float16 on a CPU: float32 weights under float16 autocast), attention maps
+                and the mask head stay float32. bfloat16 pays on a CPU with AMX / AVX512-BF16
+                (:func:`maskdiffusion.precision.native_half`); elsewhere it is emulated, slower.
             preset: default settings of this segmenter (name or :class:`Preset`).
             batch_size: views per UNet batch.
             cache_size: images whose VAE latents are kept for re-queries (LRU; 0 = off).
             limits: pixel count and aspect ratio an input image may have (:class:`InputLimits`).
+            channels_last: convolutions in NHWC; ``None`` = on for half precision.
+            compile: wrap the VAE encoder and the UNet's ResNet blocks in ``torch.compile``
+                (the first call of every new shape compiles; labels equal the eager ones up
+                to near-ties).
         """
         device = pick_device(device)
         dtype = pick_dtype(dtype)
         folder = resolve_model_folder(model, local_files_only=local_files_only)
-        weights_dtype = torch.float32 if device.type == "cpu" else dtype
-        components = load_components(folder, device=device, dtype=weights_dtype, names=(model,))
+        precision = Precision.choose(device, dtype, channels_last=channels_last, compile=compile)
+        components = load_components(folder, device=device, dtype=precision.weights, names=(model,))
+        precision.apply(components.vae, components.unet)
         return cls(
             components,
             model_id=model,
@@ -192,6 +203,7 @@ class MaskDiffusion:
             batch_size=batch_size,
             cache_size=cache_size,
             limits=limits,
+            precision=precision,
         )
 
     @classmethod
@@ -287,9 +299,7 @@ class MaskDiffusion:
     # -- the straight line ----------------------------------------------------------
 
     def _autocast(self):
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            return torch.autocast("cpu", dtype=self.dtype)
-        return nullcontext()
+        return self.precision.autocast(self.device)
 
     @property
     def tokenizers(self) -> list[object]:
@@ -309,7 +319,7 @@ class MaskDiffusion:
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
         """``(V, 3, S, S)`` pixels in [-1, 1] -> ``(V, c, S/f, S/f)`` clean latents (posterior mean)."""
-        pixels = views.to(self.device, self.vae.dtype)
+        pixels = self.precision.layout(views.to(self.device, self.vae.dtype))
         with self._autocast():
             posterior = self.vae.encode(pixels).latent_dist.mean
         config = self.vae.config
@@ -370,7 +380,7 @@ class MaskDiffusion:
         views, prompts = latents.shape[0], len(text)
         shared = preset.long_vocabulary == "shared-queries" and prompts > 1
         passes = 1 if shared else prompts
-        batch_latents = latents.repeat_interleave(passes, dim=0).to(self.unet.dtype)
+        batch_latents = self.precision.layout(latents.repeat_interleave(passes, dim=0).to(self.unet.dtype))
         batch_text = text.batch(passes, views, self.unet.dtype)
         capture = UNetCapture(self.unet, self.vae, preset)
         with self._autocast():
