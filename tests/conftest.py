@@ -52,7 +52,7 @@ def shared_models():
     original = cli.load_segmenter
 
     def load(args):
-        key = (args.model, args.device, args.dtype, args.batch_size, args.preset)
+        key = (args.model, args.device, args.dtype, args.batch_size, args.preset, getattr(args, "compile", False))
         if key not in loaded:
             loaded[key] = original(args)
         return loaded[key]

@@ -103,6 +103,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
         "bfloat16 pays on CPUs with AMX / AVX512-BF16 and on GPUs",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="views per UNet batch (default 4)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the VAE encoder and the UNet's ResNet blocks (slow first call per shape; default off)",
+    )
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +162,13 @@ def load_segmenter(args: argparse.Namespace):
 
     limits = input_limits(args) if hasattr(args, "max_megapixels") else InputLimits()
     return MaskDiffusion.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, limits=limits
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        preset=args.preset,
+        limits=limits,
+        compile=getattr(args, "compile", False),
     )
 
 

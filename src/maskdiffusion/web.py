@@ -721,6 +721,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             batch_size=args.batch_size,
             limits=input_limits(args),
+            compile=args.compile,
         )
         folders = RequestFolders()
         app = build_app(segmenter, folders=folders, request_timeout=args.request_timeout)
