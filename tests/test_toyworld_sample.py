@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskdiffusion.toyworld import sample as toysample
 from maskdiffusion.toyworld.world import BACKGROUNDS, eval_seed, make_scene
+from research import sample as toysample
 
 STREAM = 11  # held-out scenes no other test uses (the classifier is fitted on training seeds)
 

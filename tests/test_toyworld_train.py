@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from maskdiffusion.toyworld.train import TrainConfig, run
+from research.train import TrainConfig, run
 
 TINY = TrainConfig(
     image_size=32,
@@ -77,7 +77,7 @@ def test_recommended_settings_are_read_by_the_core_loader(tiny_run):
     from maskdiffusion.loading import model_presets
 
     _, model, _ = tiny_run
-    from maskdiffusion.toyworld.train import ATTENTION_ONLY_PRESET, RECOMMENDED_PRESET, REFERENCE_PRESET
+    from research.train import ATTENTION_ONLY_PRESET, RECOMMENDED_PRESET, REFERENCE_PRESET
 
     presets = model_presets(model)
     for name, written in (("default", RECOMMENDED_PRESET), ("attention-only", ATTENTION_ONLY_PRESET),
@@ -100,7 +100,7 @@ def test_rerunning_a_finished_run_resumes_instead_of_restarting(tiny_run):
 
 
 def test_information_prior_prefers_one_named_class_per_pixel_and_all_classes_used():
-    from maskdiffusion.toyworld.train import pixel_class_information
+    from research.train import pixel_class_information
 
     classes = torch.zeros(1, 4, 8)  # tokens 1 and 2 name classes 0 and 5
     classes[0, 1, 0] = classes[0, 2, 5] = 1
@@ -117,7 +117,7 @@ def test_information_prior_prefers_one_named_class_per_pixel_and_all_classes_use
 
 
 def test_absent_class_term_penalises_attention_to_classes_the_caption_lacks():
-    from maskdiffusion.toyworld.train import absent_class_mass
+    from research.train import absent_class_mass
 
     word_class = torch.tensor([0, 1, 1, 2])  # a two-token class 1, like "brick wall"
     present = torch.tensor([[True, False, False]])
@@ -130,8 +130,8 @@ def test_absent_class_term_penalises_attention_to_classes_the_caption_lacks():
 def test_mosaic_joins_two_scenes_latent_halves_and_names_both_backgrounds():
     import numpy as np
 
-    from maskdiffusion.toyworld.train import mosaic
     from maskdiffusion.toyworld.world import BACKGROUNDS, make_scene
+    from research.train import mosaic
 
     first = next(s for s in map(make_scene, range(100)) if s.background == "water")
     second = next(s for s in map(make_scene, range(100)) if s.background == "sand")
@@ -163,7 +163,7 @@ def test_word_encoder_options_train_and_keep_positions_at_zero(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     logged = [r for r in records if r.get("phase") == "unet" and "loss" in r]
     assert logged and all("prior" in r and "absent" in r for r in logged)
-    from maskdiffusion.toyworld.train import models_from_checkpoint
+    from research.train import models_from_checkpoint
 
     _, _, _, text = models_from_checkpoint(tmp_path / "checkpoint.pt")
     assert torch.count_nonzero(text.embeddings.position_embedding.weight) == 0

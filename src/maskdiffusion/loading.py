@@ -49,7 +49,7 @@ TOY_MODEL = "toy"
 
 
 def toy_model_path() -> Path:
-    """The bundled toy-world model (trained by ``maskdiffusion.toyworld.train``, shipped in the package)."""
+    """The bundled toy-world model (trained by the repository's ``research.train``, shipped in the package)."""
     from importlib import resources
 
     return Path(str(resources.files("maskdiffusion").joinpath("models", "toy")))

@@ -1,6 +1,6 @@
 """Train the toy world's text-to-image latent diffusion model (images and captions only).
 
-``python -m maskdiffusion.toyworld.train --out DIR`` runs two phases and saves a folder in
+``python -m research.train --out DIR`` runs two phases and saves a folder in
 the diffusers Stable-Diffusion layout (``vae/ unet/ text_encoder/ tokenizer/ scheduler/
 model_index.json``) plus ``maskdiffusion.json`` (recommended segmentation settings):
 
@@ -36,9 +36,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..prompts import CLIP_CONTEXT, clip_tokenizer
-from ..tiny import SD_NOISE_SCHEDULE, save_model_index
-from .world import CLASS_NAMES, IMAGE_SIZE, Scene, make_caption, make_scene, swap_patterns, train_seed
+from maskdiffusion.prompts import CLIP_CONTEXT, clip_tokenizer
+from maskdiffusion.tiny import SD_NOISE_SCHEDULE, save_model_index
+from maskdiffusion.toyworld.world import (
+    CLASS_NAMES,
+    IMAGE_SIZE,
+    Scene,
+    make_caption,
+    make_scene,
+    swap_patterns,
+    train_seed,
+)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"

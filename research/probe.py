@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..prompts import build_prompts, clip_tokenizer, parse_classes
-from .world import _BACKGROUND_PHRASES, CLASS_NAMES, Scene, eval_seed, make_scene, swap_patterns
+from maskdiffusion.prompts import build_prompts, clip_tokenizer, parse_classes
+from maskdiffusion.toyworld.world import _BACKGROUND_PHRASES, CLASS_NAMES, Scene, eval_seed, make_scene, swap_patterns
 
 
 class KeepCrossAttention:
@@ -68,7 +68,7 @@ def load(path: str | Path):
     """``(vae, unet, text_encoder, tokenizer)`` from a model folder or a training checkpoint."""
     path = Path(path)
     if path.is_file():
-        from .train import models_from_checkpoint
+        from research.train import models_from_checkpoint
 
         _, vae, unet, text = models_from_checkpoint(path)
         return vae, unet, text, clip_tokenizer()
@@ -91,7 +91,7 @@ def _images(scenes: Sequence[Scene]) -> torch.Tensor:
 def _noised(vae, scenes: Sequence[Scene], t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     from diffusers import DDIMScheduler
 
-    from ..tiny import SD_NOISE_SCHEDULE
+    from maskdiffusion.tiny import SD_NOISE_SCHEDULE
 
     x0 = vae.encode(_images(scenes)).latent_dist.mean * vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))

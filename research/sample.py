@@ -1,6 +1,6 @@
 """Sample images from a toy-world model, and check them against their captions without it.
 
-``python -m maskdiffusion.toyworld.sample --model toy --caption "a star on grass" --out grid.png``
+``python -m research.sample --model toy --caption "a star on grass" --out grid.png``
 draws ``--per-caption`` images per caption with DDIM and classifier-free guidance (the empty
 caption is the unconditional one, as in training) and writes a grid, one row per caption.
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import write_image
-from ..loading import Components, load_components, pick_device, resolve_model_folder
-from .world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, _second_colour, make_scene, train_seed
+from maskdiffusion.files import write_image
+from maskdiffusion.loading import Components, load_components, pick_device, resolve_model_folder
+from maskdiffusion.toyworld.world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, _second_colour, make_scene, train_seed
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -92,7 +92,7 @@ def sample(
     if (scheduler_dir / "scheduler_config.json").exists():
         scheduler = DDIMScheduler.from_pretrained(scheduler_dir)
     else:  # a folder without a schedule: SD's, which is what toy models are trained with
-        from ..tiny import SD_NOISE_SCHEDULE
+        from maskdiffusion.tiny import SD_NOISE_SCHEDULE
 
         scheduler = DDIMScheduler(**SD_NOISE_SCHEDULE)
     scheduler.set_timesteps(steps)
