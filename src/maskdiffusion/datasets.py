@@ -8,11 +8,14 @@ own encoding (Cityscapes label ids, COCO fine ids, ISPRS colours, ...). Images a
 out as paths only: decoding images is the pipeline's job.
 
 ``root`` may be the data sets folder (holding ``cityscapes/``, ``cocostuff/``,
-``VOCdevkit/``, ``potsdam/``) or one data set's own folder. A missing or malformed data
-set raises :class:`DatasetError` with the expected layout and the places searched.
+``VOCdevkit/``, ``ADEChallengeData2016/``, ``potsdam/``) or one data set's own folder. A
+missing or malformed data set raises :class:`DatasetError` with the expected layout and the
+places searched.
 
-Other modules add data sets with :func:`register_dataset` (e.g. the bundled model's
-``toyworld``). See ``docs/datasets.md`` for layouts, sources and class-list notes.
+The open-vocabulary benchmarks' class words (with synonyms) ship as text files in
+``maskdiffusion/classnames/`` (:func:`benchmark_classes`). Other modules add data sets with
+:func:`register_dataset` (e.g. the bundled model's ``toyworld``). See ``docs/datasets.md``
+for layouts, sources and class-list notes.
 """
 
 from __future__ import annotations
@@ -23,17 +26,22 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .prompts import read_class_file
+
 IGNORE_INDEX = 255
 MAX_LABEL_PIXELS = 40_000_000
 """Label images above this size are refused from their header (the default image limit, views.InputLimits)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+CLASSNAMES_FOLDER = "classnames"
+"""Package folder of the benchmarks' class-name files, ``<data set name>.txt``."""
 
 
 class DatasetError(ValueError):
@@ -208,7 +216,7 @@ def _finish(
     name: str,
     split: str,
     base: Path,
-    classes: Sequence[str],
+    classes: Sequence[str] | str,
     files: Sequence[SampleFile],
     decode: LabelDecoder,
     layout: str,
@@ -217,7 +225,11 @@ def _finish(
     background_index: int | None = None,
     image_list: str | None = None,
 ) -> Dataset:
-    """Checks common to every layout, then the Dataset (samples sorted by id)."""
+    """Checks common to every layout, then the Dataset (samples sorted by id).
+
+    ``classes``: the prompt strings, or the name of a shipped class-name file
+    (:func:`benchmark_classes`), read only when a data set is opened.
+    """
     if not files:
         raise _error(name, f"split {split!r} holds no images", layout, [base])
     missing_images = [f.image_path for f in files if not f.image_path.is_file()]
@@ -240,7 +252,7 @@ def _finish(
         name=name,
         split=split,
         root=base,
-        classes=tuple(classes),
+        classes=benchmark_classes(classes) if isinstance(classes, str) else tuple(classes),
         files=tuple(ordered),
         decode_label=decode,
         background_index=background_index,
@@ -263,6 +275,18 @@ def _read_id_list(name: str, path: Path, layout: str) -> list[str]:
     """Ids from a list file, one per line; extensions and folders are stripped."""
     lines = _read_lines(name, path, layout, "list file")
     return list(dict.fromkeys(Path(line.strip()).stem for line in lines if line.strip()))
+
+
+@cache
+def benchmark_classes(name: str) -> tuple[str, ...]:
+    """The prompt strings of benchmark ``name`` from its file ``maskdiffusion/classnames/<name>.txt``:
+    one per class in label-index order, ``"a|b"`` for synonyms (the first word names the class).
+
+    Kept as text so the words can be read, diffed and passed to ``--class-names`` like any class file.
+    """
+    resource = resources.files("maskdiffusion").joinpath(CLASSNAMES_FOLDER).joinpath(f"{name}.txt")
+    with resources.as_file(resource) as path:
+        return tuple("|".join(c.synonyms) for c in read_class_file(str(path)))
 
 
 @contextmanager
@@ -320,6 +344,10 @@ def _decode_png_with_table(path: Path, table: np.ndarray) -> np.ndarray:
     return _lookup(read_index_png(path), table)
 
 
+REDUCE_ZERO_LABEL = _table({value: value - 1 for value in range(1, IGNORE_INDEX)})
+"""mmsegmentation's ``reduce_zero_label``: 0 (background / "other") -> ignore, k -> k - 1, 255 stays ignore."""
+
+
 def decode_index_png(path: Path) -> np.ndarray:
     """A label PNG whose values are the class indices, as ``(H, W) uint8`` (255 = ignore)."""
     values = read_index_png(path)
@@ -354,7 +382,7 @@ CITYSCAPES_LAYOUT = """\
       └── val/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png  (also train/)"""
 
 
-def _cityscapes(root: Path, split: str, *, name: str, classes: Sequence[str], table: np.ndarray) -> Dataset:
+def _cityscapes(root: Path, split: str, *, name: str, classes: Sequence[str] | str, table: np.ndarray) -> Dataset:
     base = _locate(name, root, ("cityscapes",), ("leftImg8bit", "gtFine"), CITYSCAPES_LAYOUT)
     _check_split(name, split, ("val", "train"))
     image_dir = base / "leftImg8bit" / split
@@ -605,8 +633,17 @@ COCOSTUFF_FINE_TO_171 = {
 }
 COCOSTUFF_FINE_TO_27 = {fine: _COARSE_INDEX[coarse] for fine, (_, _, coarse) in enumerate(COCOSTUFF_FINE)}
 
+# COCO-Object: background + the 80 annotated thing classes. Fine ids 0..90 are COCO's thing
+# ids, so the first 80 of the 171 classes are the things, in id order. Every stuff id and the
+# unlabelled 255 are background; the 11 thing ids COCO never annotates stay ignore.
+COCO_NUM_THINGS = 80
+COCO_OBJECT_CLASSES = ("background", *COCOSTUFF171_CLASSES[:COCO_NUM_THINGS])
+COCO_OBJECT_FROM_FINE = {
+    fine: index + 1 if index < COCO_NUM_THINGS else 0 for fine, index in COCOSTUFF_FINE_TO_171.items()
+} | {IGNORE_INDEX: 0}
+
 COCOSTUFF_LAYOUT = """\
-  cocostuff/
+  cocostuff/                       (or coco_stuff164k/, mmsegmentation's name)
   ├── images/
   │   └── val2017/<id>.jpg         (also train2017/)
   ├── annotations/
@@ -646,16 +683,17 @@ def _cocostuff(
     split: str,
     *,
     name: str,
-    classes: Sequence[str],
+    classes: Sequence[str] | str,
     table: np.ndarray,
     default_list: str,
+    background_index: int | None = None,
     image_list: str | Path | None = None,
 ) -> Dataset:
     """``image_list``: ``"curated"`` = STEGO's curated list ``curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt``,
     ``"all"`` = every image of the split, or a file of image ids (one per line), absolute or
     relative to the data set folder. None = ``default_list`` (the benchmark's protocol).
     """
-    base = _locate(name, root, ("cocostuff",), ("images", "annotations"), COCOSTUFF_LAYOUT)
+    base = _locate(name, root, ("cocostuff", "coco_stuff164k"), ("images", "annotations"), COCOSTUFF_LAYOUT)
     _check_split(name, split, tuple(_COCO_SPLITS))
     folder = _COCO_SPLITS[split]
     image_dir = base / "images" / folder
@@ -664,39 +702,138 @@ def _cocostuff(
     ids, chosen = _coco_ids(name, base, folder, str(image_list) if image_list is not None else default_list)
     files = [SampleFile(i, image_dir / f"{i}.jpg", base / "annotations" / folder / f"{i}.png") for i in ids]
     decode = partial(_decode_png_with_table, table=table)
-    return _finish(name, split, base, classes, files, decode, COCOSTUFF_LAYOUT, image_list=chosen)
+    return _finish(
+        name,
+        split,
+        base,
+        classes,
+        files,
+        decode,
+        COCOSTUFF_LAYOUT,
+        background_index=background_index,
+        image_list=chosen,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# PASCAL VOC 2012: palette PNGs whose index is the class, 255 = object boundary / difficult.
+# PASCAL VOC 2012 and PASCAL Context: index PNGs beside JPEGImages/, an id list per split.
+# VOC: palette PNGs whose index is the class, 255 = object boundary / difficult.
+# Context: mmsegmentation's conversion of the 2010 release (tools/dataset_converters/pascal_context.py).
 
 VOC2012_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
     "train", "tv monitor",
 )  # fmt: skip
+VOC20_CLASSES = VOC2012_CLASSES[1:]
+
+# Background, then the 59 classes in the order of mmsegmentation's PascalContextDataset.
+CONTEXT60_CLASSES = (
+    "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book",
+    "bottle", "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
+    "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
+    "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "potted plant",
+    "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track",
+    "train", "tree", "truck", "tv monitor", "wall", "water", "window", "wood",
+)  # fmt: skip
+CONTEXT59_CLASSES = CONTEXT60_CLASSES[1:]
 
 VOC_LAYOUT = """\
   VOCdevkit/
   └── VOC2012/
       ├── JPEGImages/<id>.jpg
-      ├── SegmentationClass/<id>.png          (palette PNG: index = class, 255 = ignore)
+      ├── SegmentationClass/<id>.png          (palette PNG: index = class, 0 = background, 255 = ignore)
       └── ImageSets/Segmentation/val.txt      (also train.txt, trainval.txt)"""
 
+CONTEXT_LAYOUT = """\
+  VOCdevkit/
+  └── VOC2010/
+      ├── JPEGImages/<id>.jpg
+      ├── SegmentationClassContext/<id>.png          (index PNG: 0 = background, 1..59 = classes, 255 = ignore)
+      └── ImageSets/SegmentationContext/val.txt      (also train.txt)"""
 
-def _voc2012(root: Path, split: str) -> Dataset:
-    name = "voc2012"
-    base = _locate(
-        name,
-        root,
-        ("VOCdevkit/VOC2012", "VOC2012"),
-        ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
-        VOC_LAYOUT,
-    )
-    _check_split(name, split, ("val", "train", "trainval"))
-    ids = _read_id_list(name, base / "ImageSets" / "Segmentation" / f"{split}.txt", VOC_LAYOUT)
-    files = [SampleFile(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
-    return _finish(name, split, base, VOC2012_CLASSES, files, decode_index_png, VOC_LAYOUT, background_index=0)
+
+@dataclass(frozen=True)
+class PascalFolders:
+    """Where a PASCAL-style data set keeps its files, relative to its own folder."""
+
+    own_folders: tuple[str, ...]
+    labels: str
+    lists: str
+    splits: tuple[str, ...]
+    layout: str
+
+
+VOC_FOLDERS = PascalFolders(
+    ("VOCdevkit/VOC2012", "VOC2012"), "SegmentationClass", "ImageSets/Segmentation", ("val", "train", "trainval"),
+    VOC_LAYOUT,
+)  # fmt: skip
+CONTEXT_FOLDERS = PascalFolders(
+    ("VOCdevkit/VOC2010", "VOC2010"), "SegmentationClassContext", "ImageSets/SegmentationContext", ("val", "train"),
+    CONTEXT_LAYOUT,
+)  # fmt: skip
+
+
+def _pascal(
+    root: Path, split: str, *, name: str, vocabulary: str, folders: PascalFolders, reduce_zero_label: bool
+) -> Dataset:
+    """VOC21 / Context60 (``reduce_zero_label`` False: label 0 is the background class) or
+    VOC20 / Context59 (True: background ignored, the other classes move down by one)."""
+    layout = folders.layout
+    base = _locate(name, root, folders.own_folders, ("JPEGImages", folders.labels, folders.lists), layout)
+    _check_split(name, split, folders.splits)
+    ids = _read_id_list(name, base / folders.lists / f"{split}.txt", layout)
+    files = [SampleFile(i, base / "JPEGImages" / f"{i}.jpg", base / folders.labels / f"{i}.png") for i in ids]
+    if reduce_zero_label:
+        decode, background = partial(_decode_png_with_table, table=REDUCE_ZERO_LABEL), None
+    else:
+        decode, background = decode_index_png, 0
+    return _finish(name, split, base, vocabulary, files, decode, layout, background_index=background)
+
+
+# ---------------------------------------------------------------------------------------------
+# ADE20K SceneParsing (ADEChallengeData2016): annotation PNGs hold 0 = "other", 1..150 = classes.
+
+# The 150 classes in the official order (objectInfo150.csv), by their first name.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
+    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+ADE20K_LAYOUT = """\
+  ADEChallengeData2016/
+  ├── images/
+  │   └── validation/<id>.jpg      (also training/: split "train")
+  └── annotations/
+      └── validation/<id>.png      (index PNG: 0 = other (ignored), k = class k - 1)"""
+
+_ADE20K_SPLITS = {"val": "validation", "train": "training"}
+
+
+def _ade20k(root: Path, split: str) -> Dataset:
+    name = "ade20k"
+    base = _locate(name, root, ("ADEChallengeData2016",), ("images", "annotations"), ADE20K_LAYOUT)
+    _check_split(name, split, tuple(_ADE20K_SPLITS))
+    folder = _ADE20K_SPLITS[split]
+    image_dir = base / "images" / folder
+    if not image_dir.is_dir():
+        raise _error(name, f"there is no images/{folder} folder", ADE20K_LAYOUT, [base])
+    files = [SampleFile(p.stem, p, base / "annotations" / folder / f"{p.stem}.png") for p in image_dir.glob("*.jpg")]
+    decode = partial(_decode_png_with_table, table=REDUCE_ZERO_LABEL)
+    return _finish(name, split, base, name, files, decode, ADE20K_LAYOUT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,6 +993,18 @@ def _folder(root: Path, split: str) -> Dataset:
     return _finish(name, split, base, classes, files, decode_index_png, FOLDER_LAYOUT)
 
 
+# Class words of the open-vocabulary benchmarks: classnames/<name>.txt, whose first words are these names.
+BENCHMARK_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "voc21": VOC2012_CLASSES,
+    "voc20": VOC20_CLASSES,
+    "context60": CONTEXT60_CLASSES,
+    "context59": CONTEXT59_CLASSES,
+    "coco-object": COCO_OBJECT_CLASSES,
+    "cocostuff171": COCOSTUFF171_CLASSES,
+    "cityscapes19": CITYSCAPES19_CLASSES,
+    "ade20k": ADE20K_CLASSES,
+}
+
 register_dataset(
     "cityscapes27",
     partial(_cityscapes, name="cityscapes27", classes=CITYSCAPES27_CLASSES,
@@ -863,9 +1012,9 @@ register_dataset(
 )  # fmt: skip
 register_dataset(
     "cityscapes19",
-    partial(_cityscapes, name="cityscapes19", classes=CITYSCAPES19_CLASSES, table=_table(CITYSCAPES_TRAIN_IDS)),
+    partial(_cityscapes, name="cityscapes19", classes="cityscapes19", table=_table(CITYSCAPES_TRAIN_IDS)),
 )
-# COCO-Stuff-27 is reported on the curated list (STEGO, PiCIE, IIC), COCO-Stuff-171 on every val image.
+# COCO-Stuff-27 is reported on the curated list (STEGO, PiCIE, IIC), COCO-Stuff-171 and COCO-Object on every val image.
 register_dataset(
     "cocostuff27",
     partial(_cocostuff, name="cocostuff27", classes=COCOSTUFF27_CLASSES, table=_table(COCOSTUFF_FINE_TO_27),
@@ -873,10 +1022,26 @@ register_dataset(
 )  # fmt: skip
 register_dataset(
     "cocostuff171",
-    partial(_cocostuff, name="cocostuff171", classes=COCOSTUFF171_CLASSES, table=_table(COCOSTUFF_FINE_TO_171),
+    partial(_cocostuff, name="cocostuff171", classes="cocostuff171", table=_table(COCOSTUFF_FINE_TO_171),
             default_list="all"),
 )  # fmt: skip
-register_dataset("voc2012", _voc2012)
+register_dataset(
+    "coco-object",
+    partial(_cocostuff, name="coco-object", classes="coco-object", table=_table(COCO_OBJECT_FROM_FINE),
+            default_list="all", background_index=0),
+)  # fmt: skip
+for _name, _vocabulary, _folders, _reduce_zero_label in (
+    ("voc21", "voc21", VOC_FOLDERS, False),
+    ("voc2012", "voc21", VOC_FOLDERS, False),  # voc21's earlier name, kept so old commands work
+    ("voc20", "voc20", VOC_FOLDERS, True),
+    ("context60", "context60", CONTEXT_FOLDERS, False),
+    ("context59", "context59", CONTEXT_FOLDERS, True),
+):
+    register_dataset(
+        _name,
+        partial(_pascal, name=_name, vocabulary=_vocabulary, folders=_folders, reduce_zero_label=_reduce_zero_label),
+    )
+register_dataset("ade20k", _ade20k)
 register_dataset("potsdam3", _potsdam3)
 register_dataset("potsdam6", _potsdam6)
 register_dataset("folder", _folder)
