@@ -46,20 +46,20 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def shared_models():
     """Load each (model, device, dtype, batch size, preset) once for all in-process CLI runs of a module."""
-    from maskdiffusion import cli
+    from maskdiffusion.commands import options
 
     loaded = {}
-    original = cli.load_segmenter
+    original = options.load_segmenter
 
     def load(args):
-        key = (args.model, args.device, args.dtype, args.batch_size, args.preset, getattr(args, "compile", False))
+        key = (args.model, args.device, args.dtype, args.batch_size, getattr(args, "preset", None), args.compile)
         if key not in loaded:
             loaded[key] = original(args)
         return loaded[key]
 
-    cli.load_segmenter = load
+    options.load_segmenter = load
     yield
-    cli.load_segmenter = original
+    options.load_segmenter = original
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ its start-up overlaps other tests) and the two spawned workers of the 2-process 
 kill points are simulated in-process by the same fault-injection hook, raising an
 exception where the real run is SIGKILLed: nothing is written on the way out, so the
 RUN_DIR is left exactly as a kill leaves it. For the same reason the in-process runs share
-loaded models (``cli.load_segmenter`` is memoised per model settings); everything after
+loaded models (``options.load_segmenter`` is memoised per model settings); everything after
 loading is the command's own path.
 
 Every run here uses one torch thread (in-process and in the subprocesses), so runs that
@@ -27,13 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from interrupt import stop_evaluations_after
 from PIL import Image
 from scipy.io import savemat
 from sklearn.metrics import confusion_matrix
 
 from maskdiffusion import MaskDiffusion, cli, evaluation
+from maskdiffusion.commands import evaluate as evaluate_command
+from maskdiffusion.commands import options
 from maskdiffusion.datasets import build_dataset
-from maskdiffusion.evaluation import KILL_ENV, eval_shape, evaluate, read_image, resize_nearest
+from maskdiffusion.evaluation import eval_shape, evaluate, read_image, resize_nearest
 from maskdiffusion.runstate import RunDirError
 
 CLASSES = ["road", "sky|heaven", "car"]
@@ -110,10 +113,11 @@ def killed_run(data, tiny_model, tmp_path_factory):
     """A `python -m maskdiffusion evaluate` that SIGKILLs itself after handling 3 images
     (two-image groups, checkpoint every 2: it dies after group 2 is scored, before it is saved)."""
     out = tmp_path_factory.mktemp("killed") / "run"
-    env = {**os.environ, KILL_ENV: "3", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = (out.parent / "log.txt").open("w")
+    killer = Path(__file__).with_name("interrupt.py")
     process = subprocess.Popen(
-        [sys.executable, "-m", "maskdiffusion", *base_args(data, tiny_model, out)], env=env, stdout=log, stderr=log
+        [sys.executable, str(killer), "3", *base_args(data, tiny_model, out)], env=env, stdout=log, stderr=log
     )
     yield process, out
     if process.poll() is None:
@@ -249,15 +253,6 @@ class Killed(Exception):
     """Stands for SIGKILL in-process (nothing handles it, nothing is written on the way out)."""
 
 
-def crash_at(monkeypatch, images: int) -> None:
-    monkeypatch.setenv(KILL_ENV, str(images))
-
-    def kill(pid, sig):
-        raise Killed
-
-    monkeypatch.setattr(evaluation.os, "kill", kill)
-
-
 @pytest.mark.parametrize(
     ("straight", "extra", "kill_points"),
     [
@@ -275,7 +270,7 @@ def test_runs_killed_at_any_point_end_with_the_same_metrics(
     out = tmp_path / "interrupted"
     for point in kill_points:  # each restart is killed again further on
         with monkeypatch.context() as patch:
-            crash_at(patch, point)
+            stop_evaluations_after(patch, point, Killed)
             with pytest.raises(Killed):
                 cli.main(base_args(data, tiny_model, out, *extra))
         assert not (out / "metrics.json").exists()
@@ -289,12 +284,8 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes_to_the_same_metric
 ):
     out = tmp_path / "interrupted"
 
-    def ctrl_c(pid, sig):
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setenv(KILL_ENV, "3")  # Ctrl-C where the killed run dies: group 2 scored, not yet saved
-        patch.setattr(evaluation.os, "kill", ctrl_c)
+        stop_evaluations_after(patch, 3, KeyboardInterrupt)  # Ctrl-C where the killed run dies: group 2 scored
         assert cli.main(base_args(data, tiny_model, out)) == 130
     error = capsys.readouterr().err
     assert "Traceback" not in error
@@ -474,14 +465,14 @@ def test_nearest_resize_keeps_values_and_eval_shape_keeps_the_aspect():
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskdiffusion")
-    return evaluation.add_evaluate_command(parser.add_subparsers())
+    return evaluate_command.add_command(parser.add_subparsers())
 
 
 def test_every_evaluate_flag_with_a_default_says_it_in_its_help():
     shared = argparse.ArgumentParser()
-    cli.add_model_arguments(shared)
-    cli.add_preset_arguments(shared)
-    theirs = {action.dest for action in shared._actions}  # the model and preset flags, owned by cli.py
+    options.add_model_arguments(shared)
+    options.add_preset_arguments(shared)
+    theirs = {action.dest for action in shared._actions}  # the model and preset flags, shared by the commands
     checked = []
     for action in evaluate_parser()._actions:
         if action.dest in theirs or action.nargs == 0 or action.required or action.dest == "root":

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from folder_data import folder_dataset
+from interrupt import stop_evaluations_after
 from PIL import Image
 
-from maskdiffusion import cli, evaluation
+from maskdiffusion import cli
 from maskdiffusion.datasets import DatasetError, build_dataset
-from maskdiffusion.evaluation import KILL_ENV, label_size_problem
+from maskdiffusion.evaluation import label_size_problem
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "shared_models")
 
@@ -110,8 +111,7 @@ def test_resumes_of_a_run_with_bombs_end_with_the_same_metrics(hard, tiny_model,
     out = tmp_path / "run"
     for point in (2, 2):  # killed after every second image handled, twice, then finished
         with monkeypatch.context() as patch:
-            patch.setenv(KILL_ENV, str(point))
-            patch.setattr(evaluation.os, "kill", _raise_killed)
+            stop_evaluations_after(patch, point, _Killed)
             with pytest.raises(_Killed):
                 cli.main(args(hard, tiny_model, out))
     assert cli.main(args(hard, tiny_model, out)) == 0
@@ -122,10 +122,6 @@ def test_resumes_of_a_run_with_bombs_end_with_the_same_metrics(hard, tiny_model,
 
 class _Killed(Exception):
     """Stands for SIGKILL in-process (nothing is written on the way out)."""
-
-
-def _raise_killed(pid, sig):
-    raise _Killed
 
 
 def test_a_label_bomb_is_refused_from_its_header_by_the_loader(hard):

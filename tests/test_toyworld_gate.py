@@ -1,7 +1,7 @@
 """The bundled model's quality gate (`evaluate --dataset toyworld`) and `maskdiffusion demo`, on the `toy` model.
 
 Runs are in-process through the CLI entry point, one torch thread, the model loaded once
-(``cli.load_segmenter`` memoised by the ``shared_models`` fixture of conftest.py), a handful of scenes each.
+(``options.load_segmenter`` memoised by the ``shared_models`` fixture of conftest.py), a handful of scenes each.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from maskdiffusion import ImageLoadError, InputLimits, web
+from maskdiffusion.commands import serve as serve_command
 
 CLASSES = "sky, road, person|pedestrian"
 
@@ -351,14 +352,14 @@ def test_words_the_model_never_saw_are_warned_about(toy_segmenter, tmp_path):
 
 def serve_parser():
     parser = argparse.ArgumentParser()
-    web.add_serve_command(parser.add_subparsers(dest="command"))
+    serve_command.add_command(parser.add_subparsers(dest="command"))
     return parser
 
 
 def test_serve_command_binds_loopback_by_default():
     parser = serve_parser()
     args = parser.parse_args(["serve", "--model", "tiny-random"])
-    assert (args.host, args.port, args.model, args.run) == ("127.0.0.1", 7860, "tiny-random", web.cmd_serve)
+    assert (args.host, args.port, args.model, args.run) == ("127.0.0.1", 7860, "tiny-random", serve_command.run)
     assert (args.request_timeout, args.max_megapixels) == (120.0, 40.0)
     assert parser.parse_args(["serve", "--host", "0.0.0.0", "--port", "8080"]).port == 8080
     assert parser.parse_args(["serve", "--request-timeout", "2.5"]).request_timeout == 2.5
@@ -376,7 +377,7 @@ def test_serve_warns_when_the_app_is_open_to_the_network(host, warned, monkeypat
 
     monkeypatch.setattr(MaskDiffusion, "from_pretrained", no_model)
     with pytest.raises(Stop):  # the warning comes before the model loads
-        web.cmd_serve(serve_parser().parse_args(["serve", "--host", host]))
+        serve_command.run(serve_parser().parse_args(["serve", "--host", host]))
     assert ("anyone who can reach this machine can use the app" in capsys.readouterr().out) is warned
 
 

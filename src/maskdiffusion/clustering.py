@@ -24,6 +24,7 @@ from .views import upsample_rows
 
 LABEL_ROWS = 256  # output rows labelled at a time, to bound memory on large images
 DISTANCE_CHUNK = 65536  # points per distance block
+DEFAULT_POOL_SIZE = 100_000  # feature samples pooled over a data set for one dataset-level k-means
 
 
 def stable_seed(*parts: object) -> int:

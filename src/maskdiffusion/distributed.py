@@ -7,8 +7,10 @@ CPUs); those CPU-side exchanges go through a ``gloo`` group either way, because 
 only GPU tensors.
 
 Processes come from ``torchrun`` / ``accelerate launch`` (which set ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or from :func:`spawn`
-(``--num-processes N``: N local workers meeting through a rendezvous file). Spawned workers
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; :func:`run_launched` joins
+their group) or from :func:`run_spawned` (``--num-processes N``: N local workers meeting
+through a rendezvous file). Both run one job function on every rank; what it does (an
+evaluation shard) is the caller's business. Spawned workers
 leave Ctrl-C to the parent, which stops them, and they end with the parent even when it is
 killed outright (:func:`die_with_parent`), so no orphan keeps a GPU busy.
 """
@@ -19,10 +21,12 @@ import ctypes
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -206,3 +210,96 @@ def spawn(worker: Callable[..., None], num_processes: int, args: tuple) -> None:
         for process in context.processes:
             process.join()
         raise
+
+
+# -- launching a job: one function run on every rank ------------------------------------
+
+USAGE_EXIT = 2  # a worker's exit status when the user's input was at fault (reported once, by rank 0)
+
+
+class WorkersFailed(RuntimeError):
+    """A spawned worker ended with an error; ``usage``: the input was at fault and rank 0 said why."""
+
+    def __init__(self, message: str, *, usage: bool):
+        super().__init__(message)
+        self.usage = usage
+
+
+def device_for(requested: str, local_rank: int, world_size: int) -> str:
+    """The device of worker ``local_rank``: its own GPU when the job runs on GPUs."""
+    from .loading import pick_device
+
+    device = pick_device(requested)
+    if device.type != "cuda" or world_size == 1:
+        return str(device)
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"{world_size} processes on this machine but only {count} GPU(s): use --num-processes {count}")
+    torch.cuda.set_device(local_rank)
+    return f"cuda:{local_rank}"
+
+
+def check_gpus(requested: str, num_processes: int) -> None:
+    """``num_processes`` workers on GPUs need one GPU each; say so before starting any."""
+    from .loading import pick_device
+
+    if pick_device(requested).type == "cuda" and torch.cuda.device_count() < num_processes:
+        raise ValueError(
+            f"--num-processes {num_processes} needs one GPU per process but {torch.cuda.device_count()} "
+            f"GPU(s) are visible: use --num-processes {torch.cuda.device_count()} (or --device cpu)"
+        )
+
+
+def run_launched(job: Callable[[str, Comm], Any], requested: str, launch: LaunchInfo) -> Any:
+    """Run ``job(device, comm)`` as this rank of a torchrun / accelerate job, in its process group."""
+    device = device_for(requested, launch.local_rank, launch.world_size)
+    init_process_group(backend_for(torch.device(device)))
+    try:
+        return job(device, Comm(launch.rank, launch.world_size))
+    finally:
+        shutdown()
+
+
+def run_spawned(job: Callable[[str], Any], requested: str, num_processes: int) -> None:
+    """Run ``job(device)`` in ``num_processes`` local workers, one process group, and wait for them.
+
+    ``job`` must pickle (a module-level function, or a ``functools.partial`` of one). CPU workers
+    share the cores: each gets ``threads // N`` torch threads. Raises :class:`WorkersFailed`.
+    """
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    threads = max(1, torch.get_num_threads() // num_processes)
+    with tempfile.TemporaryDirectory(prefix="maskdiffusion-rendezvous-") as folder:
+        try:
+            init = str(Path(folder) / "init")
+            spawn(_worker, num_processes, (job, requested, num_processes, init, threads, os.getpid()))
+        except ProcessExitedException as error:
+            raise WorkersFailed(
+                f"a worker exited with status {error.exit_code}", usage=error.exit_code == USAGE_EXIT
+            ) from None
+        except ProcessRaisedException as error:
+            raise WorkersFailed(f"a worker failed:\n{error}", usage=False) from None
+
+
+def _worker(
+    local_rank: int, job: Callable[[str], Any], requested: str, world_size: int, init_file: str, threads: int,
+    parent: int,
+) -> None:  # fmt: skip
+    """One spawned worker; input errors exit with ``USAGE_EXIT`` (reported by rank 0 only), a missing
+    model with 1. It ends with its parent process, even one killed outright."""
+    from .loading import ModelNotFoundError
+
+    die_with_parent(parent)
+    torch.set_num_threads(threads)
+    try:
+        device = device_for(requested, local_rank, world_size)
+        init_process_group(
+            backend_for(torch.device(device)), rank=local_rank, world_size=world_size, init_method=f"file://{init_file}"
+        )
+        job(device)
+    except (ValueError, ModelNotFoundError) as error:  # bad data set, run dir, settings; no model
+        if local_rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1 if isinstance(error, ModelNotFoundError) else USAGE_EXIT)
+    finally:
+        shutdown()

@@ -1,4 +1,7 @@
-"""``maskdiffusion evaluate``: score a segmenter on a data set, resumably, on one or many processes.
+"""The evaluation engine: score a segmenter on a data set, resumably, as one shard of one or many processes.
+
+No command line here (``maskdiffusion evaluate`` is :mod:`maskdiffusion.commands.evaluate`) and no
+process starting (:mod:`maskdiffusion.distributed`): a process calls :func:`evaluate` on its shard.
 
 The line: samples -> groups of images -> one ``segment_batch`` call per group -> a
 prediction per image (class labels, or k-means cluster labels) -> nearest-resized to the
@@ -22,18 +25,13 @@ image, an optimistic protocol: each image gets its own best assignment).
 
 from __future__ import annotations
 
-import argparse
-import copy
 import hashlib
 import math
 import os
-import signal
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +40,17 @@ import torch
 from PIL import Image
 
 from . import files
-from .clustering import cluster_scores, kmeans, labels_from_scores, per_image_clusters, sample_pixels, stable_seed
-from .datasets import Dataset, DatasetError, available_datasets, build_dataset
-from .distributed import Comm, backend_for, die_with_parent, init_process_group, launched_by_env, shutdown, spawn
+from .clustering import (
+    DEFAULT_POOL_SIZE,
+    cluster_scores,
+    kmeans,
+    labels_from_scores,
+    per_image_clusters,
+    sample_pixels,
+    stable_seed,
+)
+from .datasets import Dataset, DatasetError
+from .distributed import Comm
 from .metrics import ConfusionMatrix, clusters_to_classes, hungarian_match, relabel, scores
 from .presets import Preset
 from .prompts import parse_classes
@@ -53,7 +59,6 @@ from .runstate import (
     CENTROIDS_FILE,
     RunDirError,
     ShardState,
-    checkpointed,
     prepare_run_dir,
     read_arrays,
     safe_name,
@@ -62,13 +67,8 @@ from .runstate import (
 )
 from .views import ImageInput, ImageLoadError, load_image
 
-GATE_DATASET = "toyworld"  # generated held-out scenes: the bundled model's quality gate (toyworld/gate.py)
-GATE_LIMIT = 200
 MODES = ("open-vocab", "unsupervised")
 CLUSTERINGS = ("dataset", "per-image")
-DEFAULT_POOL_SIZE = 100_000
-KILL_ENV = "MASKDIFFUSION_EVAL_KILL_AFTER"
-"""Fault injection for tests: SIGKILL this process after it has handled that many images."""
 MAX_ASPECT_DIFFERENCE = 0.10
 """A label whose aspect ratio differs more than this from its image's is not scored: the sample fails."""
 SIZE_WARNINGS = 3
@@ -142,24 +142,6 @@ def label_size_problem(image_shape: tuple[int, int], label_shape: tuple[int, int
     )
 
 
-def parse_eval_size(text: str) -> int | None:
-    """``--eval-size``: ``original`` (the label's own size) or a positive short side."""
-    if text == "original":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'original' or a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive short side, got {value}")
-    return value
-
-
-def _fault_injection() -> int | None:
-    value = os.environ.get(KILL_ENV)
-    return int(value) if value else None
-
-
 # -- the run -------------------------------------------------------------------------
 
 
@@ -199,6 +181,7 @@ class Evaluation:
         save_predictions: bool,
         pool_size: int,
         seed: int,
+        on_images: Callable[[int], None] | None = None,
     ):
         self.dataset = dataset
         self.segmenter = segmenter
@@ -226,7 +209,7 @@ class Evaluation:
         ]
         self.my_groups = groups[comm.rank :: comm.world_size]
         self.prompt_indices = self._prompt_indices()
-        self.kill_after = _fault_injection()
+        self.on_images = on_images
         self.handled = 0
 
     # -- settings ------------------------------------------------------------------
@@ -343,10 +326,10 @@ class Evaluation:
         state.resized[item.id] = [*image, *label]
 
     def _count(self, items: Sequence[_Item]) -> None:
-        """Count the images handled by this process; with ``KILL_ENV`` set, die like a killed run."""
+        """Count the images handled by this process and tell ``on_images``."""
         self.handled += len(items)
-        if self.kill_after is not None and self.handled >= self.kill_after:
-            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        if self.on_images is not None:
+            self.on_images(self.handled)
 
     def _save_prediction(self, index: int, sample_id: str, prediction: np.ndarray) -> None:
         """``predictions/<id>.png``: class (or raw cluster) index per pixel, 255 (65535) = none."""
@@ -624,6 +607,7 @@ def evaluate(
     save_predictions: bool = False,
     pool_size: int = DEFAULT_POOL_SIZE,
     seed: int = 0,
+    on_images: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``segmenter`` on ``dataset`` and write the results into ``out_dir``.
 
@@ -648,6 +632,8 @@ def evaluate(
         save_predictions: keep every prediction in ``predictions/`` (else only the figures').
         pool_size: feature samples pooled over the data set for dataset-level k-means.
         seed: seed of the pixel sampling and of k-means.
+        on_images: called with the number of images this process has handled so far, after each
+            group is scored (before its checkpoint): progress for a caller, or a place to stop the run.
 
     Returns:
         The metrics dict also written to ``out_dir/metrics.json`` (same on every rank).
@@ -686,370 +672,6 @@ def evaluate(
         save_predictions=save_predictions,
         pool_size=pool_size,
         seed=seed,
+        on_images=on_images,
     )
     return job.run()
-
-
-# -- command line ----------------------------------------------------------------------
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive = int_at_least(1)
-_non_negative = int_at_least(0)
-
-
-def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``maskdiffusion evaluate`` on the CLI's sub-command set."""
-    from .cli import add_model_arguments, add_preset_arguments
-
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="score on a benchmark data set (resumable, multi-process)",
-        description="Evaluate on a data set; writes metrics.json, report.md and figures into RUN_DIR. "
-        "Run it again with the same --out to resume an interrupted run (toyworld keeps no checkpoints: it is "
-        "recomputed, same numbers); a RUN_DIR holding a run with other settings is refused, naming them.",
-    )
-    parser.add_argument(
-        "--dataset",
-        required=True,
-        help=f"data set name: {', '.join(available_datasets())}; or {GATE_DATASET}: generated held-out scenes, "
-        "the bundled model's quality gate (no --root)",
-    )
-    parser.add_argument(
-        "--root",
-        help="data sets folder (holding cityscapes/, cocostuff/, ...) or one data set's folder; required "
-        f"except for {GATE_DATASET}",
-    )
-    parser.add_argument("--split", default="val", help="split (default val)")
-    parser.add_argument(
-        "--image-list",
-        metavar="curated|all|FILE",
-        help="cocostuff*: which images of the split: 'curated' (STEGO's curated list, the COCO-Stuff-27 benchmark "
-        "protocol; default for cocostuff27), 'all' (default for cocostuff171) or a file of image ids",
-    )
-    parser.add_argument(
-        "--class-names",
-        help="file with one class per line ('a|b' = synonyms) replacing the data set's prompt words "
-        "(default: the data set's own words)",
-    )
-    parser.add_argument(
-        "--limit",
-        type=_positive,
-        help=f"score only the first N samples, sorted by id (default: all); {GATE_DATASET}: N scenes "
-        f"(default {GATE_LIMIT})",
-    )
-    parser.add_argument(
-        "--out",
-        help="RUN_DIR (default outputs/<timestamp>); the same run there is resumed (toyworld: recomputed), "
-        "a run with other settings is refused",
-    )
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        default="open-vocab",
-        help="open-vocab: class words as prompts (default); unsupervised: k-means on the UNet features",
-    )
-    parser.add_argument("--clusters", type=_positive, help="unsupervised: k-means K (default: number of classes)")
-    parser.add_argument(
-        "--clustering",
-        choices=CLUSTERINGS,
-        default="dataset",
-        help="unsupervised protocol: dataset = one k-means + one matching for the data set (default), "
-        "per-image = k-means + matching per image (optimistic)",
-    )
-    parser.add_argument(
-        "--pool-size",
-        type=_positive,
-        default=DEFAULT_POOL_SIZE,
-        help=f"dataset clustering (and toyworld's): feature samples pooled over the data set for k-means "
-        f"(default {DEFAULT_POOL_SIZE})",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help=f"seed of the feature sampling and k-means (default 0); {GATE_DATASET}: also the held-out scene stream",
-    )
-    parser.add_argument("--save-every", type=_positive, default=20, help="checkpoint every N images (default 20)")
-    parser.add_argument(
-        "--eval-size",
-        type=parse_eval_size,
-        default=None,
-        metavar="SHORT_SIDE|original",
-        help="score with labels resized (nearest) to this short side; default original = label resolution",
-    )
-    parser.add_argument(
-        "--figures", type=_non_negative, default=4, help="side-by-side figures of the first N images (default 4)"
-    )
-    parser.add_argument(
-        "--save-predictions",
-        action="store_true",
-        help="keep every prediction PNG in RUN_DIR/predictions (default: only the figures' ones)",
-    )
-    parser.add_argument(
-        "--num-processes",
-        type=_positive,
-        default=1,
-        help="local worker processes, one GPU each when there are GPUs (default 1)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_model_arguments(parser)
-    add_preset_arguments(parser)
-    parser.set_defaults(run=cmd_evaluate)
-    return parser
-
-
-def open_dataset(args: argparse.Namespace) -> Dataset:
-    """The data set named on the command line, with ``--class-names`` applied."""
-    if args.dataset not in available_datasets():
-        known = ", ".join(sorted([*available_datasets(), GATE_DATASET]))
-        raise DatasetError(f"unknown data set {args.dataset!r}; available: {known}")
-    if args.root is None:
-        raise DatasetError(
-            f"--dataset {args.dataset} is read from disk: give --root, the folder holding the data sets "
-            "(layouts in docs/datasets.md)"
-        )
-    options = {"image_list": args.image_list} if args.image_list else {}
-    dataset = build_dataset(args.dataset, args.root, args.split, **options)
-    if args.class_names:
-        from .prompts import read_class_file
-
-        names = ["|".join(c.synonyms) for c in read_class_file(args.class_names)]
-        dataset = dataset.with_class_names(names)
-    return dataset
-
-
-def _device_for(requested: str, local_rank: int, world_size: int) -> str:
-    """The device of worker ``local_rank``: its own GPU when the job runs on GPUs."""
-    from .loading import pick_device
-
-    device = pick_device(requested)
-    if device.type != "cuda" or world_size == 1:
-        return str(device)
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ValueError(f"{world_size} processes on this machine but only {count} GPU(s): use --num-processes {count}")
-    torch.cuda.set_device(local_rank)
-    return f"cuda:{local_rank}"
-
-
-def _run(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Load the model and evaluate this process's shard (rank/world from torch.distributed)."""
-    from .cli import chosen_preset, load_segmenter
-
-    dataset = open_dataset(args)
-    model_args = copy.copy(args)
-    model_args.device = device
-    segmenter = load_segmenter(model_args)
-    return evaluate(
-        dataset,
-        segmenter,
-        out_dir=args.out,
-        preset=chosen_preset(segmenter, args),
-        mode=args.mode,
-        clusters=args.clusters,
-        clustering=args.clustering,
-        limit=args.limit,
-        save_every=args.save_every,
-        eval_size=args.eval_size,
-        figures=args.figures,
-        progress=not args.quiet,
-        save_predictions=args.save_predictions,
-        pool_size=args.pool_size,
-        seed=args.seed,
-    )
-
-
-def _worker(
-    local_rank: int, args: argparse.Namespace, world_size: int, init_file: str, threads: int, parent: int
-) -> None:
-    """One ``--num-processes`` worker; usage errors exit 2 (reported by rank 0 only). It ends
-    with its parent process, even one killed outright."""
-    from .loading import ModelNotFoundError
-
-    die_with_parent(parent)
-    torch.set_num_threads(threads)
-    try:
-        device = _device_for(args.device, local_rank, world_size)
-        init_process_group(
-            backend_for(torch.device(device)), rank=local_rank, world_size=world_size, init_method=f"file://{init_file}"
-        )
-        _run(args, device)
-    except (DatasetError, RunDirError, ValueError, ModelNotFoundError) as error:
-        if local_rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, ModelNotFoundError) else EXIT_USAGE)
-    finally:
-        shutdown()
-
-
-def _summary(metrics: dict[str, Any], out: Path) -> str:
-    def show(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2f}%"
-
-    failed = f", {metrics['num_failed']} failed" if metrics["num_failed"] else ""
-    resized = metrics["num_resized_labels"]
-    if resized:
-        failed += f", {resized} scored on a label of another size than the image (prediction resized to it)"
-    return (
-        f"{metrics['dataset']} ({metrics['protocol']}): mIoU {show(metrics['mIoU'])}, pixel accuracy "
-        f"{show(metrics['pixel_accuracy'])} over {metrics['num_images']} image(s){failed} -> {out / 'metrics.json'}"
-    )
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``maskdiffusion evaluate``: one process, ``--num-processes N`` local workers, or a torchrun rank.
-
-    Ctrl-C ends it with one line saying what is kept, and exit code 130.
-    """
-    launch = launched_by_env()
-    try:
-        if args.dataset == GATE_DATASET:
-            return _cmd_gate(args, launch)
-        return _cmd_dataset(args, launch)
-    except KeyboardInterrupt:
-        if launch is None or launch.rank == 0:
-            print(_interrupted(args), file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def _interrupted(args: argparse.Namespace) -> str:
-    """What an interrupted run leaves, and how to go on."""
-    if args.dataset == GATE_DATASET:
-        return f"interrupted; the {GATE_DATASET} gate keeps no checkpoints: run the same command again to recompute it"
-    if not args.out:
-        return "interrupted before the run started; nothing was written"
-    scored, pooled = checkpointed(Path(args.out))
-    kept = f"{scored} image(s)" if scored or not pooled else f"{pooled} image(s) of pass 1 (feature pooling)"
-    return f"interrupted; {kept} checkpointed in {args.out}; run the same command again to resume"
-
-
-def _cmd_dataset(args: argparse.Namespace, launch) -> int:
-    """``evaluate`` on a data set read from disk."""
-    try:
-        if launch is not None and args.num_processes > 1:
-            raise ValueError(
-                "--num-processes cannot be combined with torchrun / accelerate launch: they start the processes"
-            )
-        open_dataset(args)  # a missing or malformed data set fails here, before any model is loaded
-        if launch is not None:
-            return _run_launched(args, launch)
-        args.out = args.out or _default_out()
-        if args.num_processes == 1:
-            print(_summary(_run(args, args.device), Path(args.out)))
-            return 0
-        _check_gpus(args)
-    except (DatasetError, RunDirError, ValueError) as error:
-        if launch is None or launch.rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    return _run_spawned(args)
-
-
-# Evaluate flags that have no meaning for the generated toy-world scenes.
-_NOT_FOR_GATE = (
-    "root", "split", "image_list", "class_names", "mode", "clusters", "clustering", "eval_size",
-    "save_every", "save_predictions", "num_processes",
-)  # fmt: skip
-
-
-def _cmd_gate(args: argparse.Namespace, launch) -> int:
-    """``--dataset toyworld``: the bundled model's quality gate, in one process (see toyworld/gate.py)."""
-    from .cli import build_parser, chosen_preset, load_segmenter
-    from .toyworld import gate
-
-    defaults = build_parser().parse_args(["evaluate", "--dataset", GATE_DATASET])
-    given = ["--" + name.replace("_", "-") for name in _NOT_FOR_GATE if getattr(args, name) != getattr(defaults, name)]
-    problem = None
-    if given or launch is not None:
-        flags = ", ".join(given) or "torchrun / accelerate launch"
-        problem = f"generates its scenes and scores every protocol in one process; it does not take {flags}"
-    elif args.seed < 0:
-        problem = f"takes --seed >= 0 (it numbers the stream of held-out scenes), got {args.seed}"
-    if problem:
-        print(f"error: --dataset {GATE_DATASET} {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    out = Path(args.out or _default_out())
-    segmenter = load_segmenter(args)
-    metrics = gate.run_gate(
-        segmenter,
-        out_dir=out,
-        limit=args.limit or GATE_LIMIT,
-        seed=args.seed,
-        preset=chosen_preset(segmenter, args),
-        figures=args.figures,
-        pool_size=args.pool_size,
-        progress=not args.quiet,
-    )
-    print(gate.summary(metrics, out))
-    return 0
-
-
-def _check_gpus(args: argparse.Namespace) -> None:
-    """``--num-processes`` on GPUs needs one GPU per process; say so before starting any."""
-    from .loading import pick_device
-
-    if pick_device(args.device).type == "cuda" and torch.cuda.device_count() < args.num_processes:
-        raise ValueError(
-            f"--num-processes {args.num_processes} needs one GPU per process but {torch.cuda.device_count()} "
-            f"GPU(s) are visible: use --num-processes {torch.cuda.device_count()} (or --device cpu)"
-        )
-
-
-def _run_launched(args: argparse.Namespace, launch) -> int:
-    """This process is one rank of a torchrun / accelerate job."""
-    device = _device_for(args.device, launch.local_rank, launch.world_size)
-    init_process_group(backend_for(torch.device(device)))
-    try:
-        args.out = Comm(launch.rank, launch.world_size).broadcast(args.out or _default_out())
-        metrics = _run(args, device)
-    finally:
-        shutdown()
-    if launch.rank == 0:
-        print(_summary(metrics, Path(args.out)))
-    return 0
-
-
-def _run_spawned(args: argparse.Namespace) -> int:
-    """Start ``--num-processes`` local workers (rank 0 writes the results) and wait for them.
-
-    CPU workers share the cores: each gets ``threads // N`` torch threads.
-    """
-    import json
-
-    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-
-    threads = max(1, torch.get_num_threads() // args.num_processes)
-    with tempfile.TemporaryDirectory(prefix="maskdiffusion-rendezvous-") as folder:
-        try:
-            init = str(Path(folder) / "init")
-            spawn(_worker, args.num_processes, (args, args.num_processes, init, threads, os.getpid()))
-        except ProcessExitedException as error:
-            return EXIT_USAGE if error.exit_code == EXIT_USAGE else 1
-        except ProcessRaisedException as error:
-            print(f"error: an evaluation worker failed:\n{error}", file=sys.stderr)
-            return 1
-    metrics = json.loads((Path(args.out) / "metrics.json").read_text(encoding="utf-8"))
-    print(_summary(metrics, Path(args.out)))
-    return 0
-
-
-def _default_out() -> str:
-    return str(Path("outputs") / datetime.now().strftime("%Y%m%d-%H%M%S"))

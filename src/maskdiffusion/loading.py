@@ -10,16 +10,16 @@ unreachable, the error says how to get the weights or what to pass instead.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .families import FAMILIES, Family, ModelDescription, detect, family_changes, native_size
+from .model_card import SETTINGS_FILE, ModelCard, json_kind, model_card, read_settings
 from .presets import PRESETS, Preset
-from .prompts import ClassName, read_small_text, shorten
+from .prompts import shorten
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -37,8 +37,6 @@ HUB_FILES = [
     "text_encoder_2/model.safetensors",
     "tokenizer_2/*",
 ]
-SETTINGS_FILE = "maskdiffusion.json"  # optional: preset overrides and the model card
-MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few hundred bytes; refuse anything past 1 MiB
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -184,44 +182,6 @@ def download_model(model: str) -> Path:
     return path.parents[name.count("/")]
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What a model folder says about itself in ``maskdiffusion.json``, so results can say it too.
-
-    Attributes:
-        random_weights: the weights are random (``tiny-random``): outputs exercise the
-            code and mean nothing.
-        vocabulary: the words the model was trained on (the bundled toy model's world);
-            ``None`` = an open vocabulary (Stable Diffusion).
-        attention_calibration: word -> the mean attention probability the model gives that
-            word over unlabelled images of its domain (measured once, no labels), for
-            ``Preset.attention_normalization="calibrated"``; ``None`` = not measured.
-    """
-
-    random_weights: bool = False
-    vocabulary: tuple[str, ...] | None = None
-    attention_calibration: dict[str, float] | None = None
-
-    def class_scale(self, vocabulary: Sequence[ClassName]) -> torch.Tensor:
-        """``(C,)`` calibration divisors: the mean over a class's words that were measured.
-
-        A class none of whose words was measured gets the geometric mean of all measured
-        words (no correction either way). Raises ``ValueError`` when nothing was measured.
-        """
-        if not self.attention_calibration:
-            raise ValueError(
-                'attention_normalization "calibrated" needs the model\'s "attention_calibration" in its '
-                "maskdiffusion.json; use 'probabilities' for this model"
-            )
-        table = {" ".join(w.casefold().split()): v for w, v in self.attention_calibration.items()}
-        neutral = math.exp(sum(math.log(v) for v in table.values()) / len(table))
-        scales = []
-        for cls in vocabulary:
-            known = [table[k] for k in (" ".join(w.casefold().split()) for w in cls.synonyms) if k in table]
-            scales.append(sum(known) / len(known) if known else neutral)
-        return torch.tensor(scales, dtype=torch.float32)
-
-
 @dataclass
 class Components:
     """The frozen models (on one device, in eval mode, gradients off when loaded from a folder).
@@ -237,45 +197,10 @@ class Components:
     alphas_cumprod: torch.Tensor
     presets: dict[str, Preset]
     folder: Path | None
-    card: ModelCard = ModelCard()
+    card: ModelCard = field(default_factory=ModelCard)
     family: Family = FAMILIES["sd1"]
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
-
-
-def _json_kind(value: object) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
-    return kinds.get(type(value), "a number")
-
-
-def read_settings(folder: Path) -> dict:
-    """The folder's ``maskdiffusion.json`` as a dict (``{}`` when absent); every error names the file.
-
-    Top-level keys read here: ``"presets"`` (see :func:`model_presets`), ``"random_weights"``
-    and ``"vocabulary"`` (see :func:`model_card`); others are notes and ignored.
-    """
-    path = Path(folder) / SETTINGS_FILE
-    if not path.exists():
-        return {}
-    text = read_small_text(
-        path, what="model settings file", limit=MAX_SETTINGS_BYTES, hint="fix or remove it", error=ValueError
-    )
-    try:
-        settings = json.loads(text)
-    except RecursionError:
-        raise ValueError(f"model settings file {str(path)!r} nests too deeply: fix or remove it") from None
-    except ValueError as error:  # JSONDecodeError, or a number too long to convert
-        where = f" at line {error.lineno}, column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
-        reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
-        raise ValueError(
-            f"model settings file {str(path)!r} is not valid JSON ({reason}{where}): fix or remove it"
-        ) from None
-    if not isinstance(settings, dict):
-        raise ValueError(
-            f'model settings file {str(path)!r} must hold a JSON object like {{"presets": {{...}}}}, '
-            f"not {_json_kind(settings)}"
-        )
-    return settings
 
 
 def model_presets(
@@ -294,13 +219,13 @@ def model_presets(
     overrides = settings.get("presets", {})
     if not isinstance(overrides, dict):
         raise ValueError(
-            f'{where}: "presets" must be an object mapping preset names to field values, not {_json_kind(overrides)}'
+            f'{where}: "presets" must be an object mapping preset names to field values, not {json_kind(overrides)}'
         )
     presets = family_presets(*family) if family is not None else dict(PRESETS)
     for name, changes in overrides.items():
         if not isinstance(changes, dict):
             raise ValueError(
-                f"{where}: preset {shorten(name)} must be an object of field values, not {_json_kind(changes)}"
+                f"{where}: preset {shorten(name)} must be an object of field values, not {json_kind(changes)}"
             )
         base = presets.get(name, presets["default"]).to_dict()
         try:
@@ -352,36 +277,6 @@ def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tu
     except ValueError as error:
         raise ValueError(f"model settings file {str(folder / SETTINGS_FILE)!r}: {error}") from None
     return family, size
-
-
-def model_card(folder: Path, settings: dict | None = None) -> ModelCard:
-    """The folder's :class:`ModelCard` from the top-level ``"random_weights"`` and ``"vocabulary"`` keys."""
-    settings = read_settings(folder) if settings is None else settings
-    where = f"model settings file {str(Path(folder) / SETTINGS_FILE)!r}"
-    random_weights = settings.get("random_weights", False)
-    if not isinstance(random_weights, bool):
-        raise ValueError(f'{where}: "random_weights" must be true or false, got {shorten(random_weights)}')
-    vocabulary = settings.get("vocabulary")
-    if vocabulary is not None:
-        if not isinstance(vocabulary, list) or not all(isinstance(w, str) and w.strip() for w in vocabulary):
-            raise ValueError(
-                f'{where}: "vocabulary" must be a list of non-empty words (or absent: an open vocabulary), '
-                f"got {shorten(vocabulary)}"
-            )
-        vocabulary = tuple(vocabulary)
-    calibration = settings.get("attention_calibration")
-    if calibration is not None:
-        valid = isinstance(calibration, dict) and calibration
-        if not (valid and all(_is_real(v) and 0 < v < math.inf for v in calibration.values())):
-            raise ValueError(
-                f'{where}: "attention_calibration" must map words to positive numbers, got {shorten(calibration)}'
-            )
-        calibration = {str(word): float(value) for word, value in calibration.items()}
-    return ModelCard(random_weights=random_weights, vocabulary=vocabulary, attention_calibration=calibration)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 WEIGHT_PARTS = ("unet", "vae", "text_encoder")  # plus text_encoder_2 where the folder has one

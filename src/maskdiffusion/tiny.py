@@ -318,7 +318,7 @@ def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0, family: str = 
 def mark_random_weights(folder: Path) -> None:
     """Set ``"random_weights": true`` in the folder's ``maskdiffusion.json`` (created if absent; other keys kept)."""
     from .files import write_json
-    from .loading import SETTINGS_FILE, read_settings
+    from .model_card import SETTINGS_FILE, read_settings
 
     write_json(folder / SETTINGS_FILE, {**read_settings(folder), "random_weights": True})
 
@@ -337,7 +337,7 @@ def tiny_model_path() -> Path:
     A cache built before models carried a card gets ``"random_weights": true`` added; one
     whose settings file cannot be read is built again.
     """
-    from .loading import model_card
+    from .model_card import model_card
 
     folder = cache_dir() / "tiny-random-sd"
     if not (folder / "model_index.json").exists():

@@ -16,23 +16,22 @@ time, because there is one model and its passes would only compete for the same 
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import html
 import ipaddress
+import json
 import logging
 import math
 import numbers
 import os
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -402,9 +401,9 @@ class RequestFolders:
 
 def example_rows() -> list[list[str]]:
     """``[path, classes]`` of the example images shipped with the package."""
-    from .cli import example_images
-
-    return [[str(path), classes] for path, classes in example_images()]
+    folder = Path(str(resources.files("maskdiffusion").joinpath("examples")))
+    table = json.loads((folder / "examples.json").read_text(encoding="utf-8"))
+    return [[str(folder / name), classes] for name, classes in table.items()]
 
 
 def is_toy_world_model(segmenter: MaskDiffusion) -> bool:
@@ -660,91 +659,3 @@ def launch(
         prevent_thread_lock=not block,
         quiet=True,
     )
-
-
-# -- command line ----------------------------------------------------------------------
-
-
-def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``maskdiffusion serve [--model ...] [--host 127.0.0.1] [--port 7860] [--request-timeout 120] ...``."""
-    from .cli import add_limits_argument, add_model_arguments
-
-    serve = subparsers.add_parser("serve", help="start the web demo (needs: pip install 'maskdiffusion[web]')")
-    add_model_arguments(serve)
-    serve.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; ::1 for IPv6; "
-        "0.0.0.0 opens it to the network)",
-    )
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument(
-        "--request-timeout",
-        type=positive_seconds,
-        default=REQUEST_TIMEOUT,
-        help=f"seconds of work one request may take; longer ones stop with a message (default {REQUEST_TIMEOUT:g})",
-    )
-    add_limits_argument(serve)
-    serve.set_defaults(run=cmd_serve)
-    return serve
-
-
-def positive_seconds(text: str) -> float:
-    """``argparse`` type: a finite number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the model, build the app and serve until Ctrl+C or SIGTERM; then remove the temporary files."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the web demo needs Gradio: pip install 'maskdiffusion[web]'", file=sys.stderr)
-        return 1
-    from .cli import input_limits
-    from .pipeline import MaskDiffusion
-
-    if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app")
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop = Ctrl+C
-    folders = None
-    try:
-        segmenter = MaskDiffusion.from_pretrained(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            limits=input_limits(args),
-            compile=args.compile,
-        )
-        folders = RequestFolders()
-        app = build_app(segmenter, folders=folders, request_timeout=args.request_timeout)
-        try:
-            launch(app, host=args.host, port=args.port, block=False)
-        except OSError as error:
-            print(
-                f"error: cannot serve on {args.host} port {args.port} ({error}): the port is taken or the "
-                "address is not one of this machine's; choose another --port or --host",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"{model_info(segmenter).splitlines()[0].replace('`', '')}; serving on {app.local_url} (Ctrl+C stops it)")
-        for warning in segmenter.warnings([]):
-            print(f"warning: {warning}")
-        sys.stdout.flush()
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            print("stopping the web demo")
-        app.close()
-    finally:
-        if folders is not None:
-            folders.close()
-        signal.signal(signal.SIGTERM, previous)
-    return 0

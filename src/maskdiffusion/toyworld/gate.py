@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from .. import files
-from ..clustering import cluster_scores, kmeans, labels_from_scores, sample_pixels, stable_seed
-from ..evaluation import DEFAULT_POOL_SIZE, GATE_DATASET, GATE_LIMIT
+from ..clustering import DEFAULT_POOL_SIZE, cluster_scores, kmeans, labels_from_scores, sample_pixels, stable_seed
 from ..metrics import ConfusionMatrix, clusters_to_classes, hungarian_match, relabel, scores
 from ..presets import Preset
 from ..report import build_metrics, write_report
@@ -43,6 +42,8 @@ from ..runstate import RUN_FILE, prepare_run_dir
 from ..visualize import label_grid
 from .world import CLASS_NAMES, Scene, class_palette, eval_seed, is_train_seed, make_scene
 
+GATE_DATASET = "toyworld"  # the gate's name as a data set: ``maskdiffusion evaluate --dataset toyworld``
+GATE_LIMIT = 200  # held-out scenes scored by default
 FIGURE_FILE = "figures.png"
 DEMO_FILE = "toyworld.png"
 

@@ -1,0 +1,174 @@
+"""Flags shared by the commands, and how they become a model, a preset and input limits.
+
+Only command modules import this: engines take plain arguments, never an ``argparse.Namespace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from datetime import datetime
+from pathlib import Path
+
+from ..loading import DEFAULT_MODEL, DTYPES
+from ..presets import PRESETS, Preset
+from ..prompts import ClassName, parse_classes, read_class_file
+from ..views import InputLimits
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def parse_class_argument(text: str) -> list[ClassName]:
+    """``--classes``: ``"a, b|c"`` inline, or ``@file.txt`` (one class per line)."""
+    if text.startswith("@"):
+        return read_class_file(text[1:])
+    return parse_classes(text)
+
+
+def above_zero(what: str = "a number"):
+    """An argparse type: a finite number > 0; errors say ``expected {what} above 0``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what} above 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="where the model runs (default auto: cuda if available, then mps, then cpu)",
+    )
+
+
+def add_limits_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-megapixels``: the input limit of every command that reads user images."""
+    parser.add_argument(
+        "--max-megapixels",
+        type=above_zero("a number of megapixels"),
+        default=InputLimits.max_pixels / 1e6,
+        help=f"refuse larger images, checked from their header before decoding "
+        f"(default {InputLimits.max_pixels / 1e6:g}); images may also be at most {InputLimits.max_aspect:g}:1",
+    )
+
+
+def input_limits(args: argparse.Namespace) -> InputLimits:
+    return InputLimits(max_pixels=round(args.max_megapixels * 1e6))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str = DEFAULT_MODEL) -> None:
+    """Flags shared by every command that loads a model."""
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        help=f"hub id or diffusers folder (default: {default_model}; 'toy' = the bundled toy-world model, "
+        "'tiny-random' = random test model)",
+    )
+    add_device_argument(parser)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="model precision (default float32): weights stored in it, attention maps and mask head in float32; "
+        "bfloat16 pays on CPUs with AMX / AVX512-BF16 and on GPUs",
+    )
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="views per UNet batch (default 4)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the VAE encoder and the UNet's ResNet blocks (slow first call per shape; default off)",
+    )
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that override fields of the chosen preset."""
+    parser.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="named settings of the model (default: default, the recommended ones; "
+        "reference = the MaskDiffusion paper's mask head); the flags below override single fields",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        help="view short side in pixels, a multiple of the model's block size (64 for SD; default 512)",
+    )
+    parser.add_argument("--timestep", type=int, help="UNet timestep of the single pass (default 0 = the clean image)")
+    parser.add_argument(
+        "--attention-mode",
+        choices=["exp", "softmax"],
+        help="cross-attention as exp(QK^T*scale), the paper's choice, or softmax probabilities over the prompt "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        help="pixels whose best class score is under it get no class (255 in label PNGs); scores are cosines in "
+        "[-1, 1] (the reference preset's dot products are unbounded); default: off",
+    )
+    parser.add_argument("--refine-steps", type=int, help="prototype refinement rounds (default 0)")
+
+
+PRESET_FLAGS = ("size", "timestep", "attention_mode", "background_threshold", "refine_steps")  # flag = field name
+
+
+def preset_overrides(args: argparse.Namespace) -> dict:
+    """The preset fields given on the command line."""
+    return {name: getattr(args, name) for name in PRESET_FLAGS if getattr(args, name, None) is not None}
+
+
+def check_overrides(args: argparse.Namespace) -> None:
+    """The command line's preset fields, checked before any model is looked up (``ValueError``)."""
+    PRESETS[args.preset].replace(**preset_overrides(args)).check()
+
+
+def chosen_preset(segmenter, args: argparse.Namespace) -> Preset:
+    """The model's named preset with the command line's overrides applied."""
+    return segmenter.presets[args.preset].replace(**preset_overrides(args))
+
+
+def load_segmenter(args: argparse.Namespace):
+    """The model the flags name (``--model``, ``--device``, ``--dtype``, ...), as a ``MaskDiffusion``."""
+    from ..pipeline import MaskDiffusion
+
+    limits = input_limits(args) if hasattr(args, "max_megapixels") else InputLimits()
+    return MaskDiffusion.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        preset=getattr(args, "preset", None),
+        limits=limits,
+        compile=args.compile,
+    )
+
+
+def default_out() -> str:
+    """``outputs/<timestamp>``: a fresh RUN_DIR when ``--out`` is not given."""
+    return str(Path("outputs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
