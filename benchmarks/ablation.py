@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from maskdiffusion import MaskDiffusion, Preset
 from maskdiffusion.files import write_text
 from maskdiffusion.metrics import ConfusionMatrix, scores
+from maskdiffusion.precision import cpu_model
 from maskdiffusion.toyworld.gate import held_out_scenes
 from maskdiffusion.toyworld.world import CLASS_NAMES, Scene
 
@@ -80,16 +80,6 @@ def rows(default: Preset, attention_only: Preset, reference: Preset) -> list[tup
         (extra, "+ 4 noise samples", default.replace(noise_samples=4)),
         (extra, "+ timesteps 200 and 300", default.replace(ensemble_timesteps=(200, 300))),
     ]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def measure_calibration(segmenter: MaskDiffusion, scenes: list[Scene], preset: Preset) -> dict[str, float]:

@@ -27,6 +27,18 @@ def cpu_isa() -> dict[str, bool]:
     return features
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def _probe(torch_name: str, cpuinfo_flag: str) -> bool:
     check = getattr(torch.cpu, torch_name, None)
     if check is not None:
