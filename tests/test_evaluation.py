@@ -426,6 +426,26 @@ def test_background_threshold_fills_the_background_class_instead_of_prompting_it
     assert metrics["settings"]["background"] == "threshold"
 
 
+def test_background_words_stand_for_the_background_class_instead_of_prompting_it(data, tiny_model, tmp_path):
+    dataset = replace(build_dataset("folder", data), background_index=0)
+    segmenter = MaskDiffusion.from_pretrained(str(tiny_model), device="cpu", batch_size=2)
+    preset = segmenter.presets["default"].replace(size=64)
+    words = preset.replace(background_words=("wall", "floor"))
+    metrics = evaluate(dataset, segmenter, out_dir=tmp_path / "words", preset=words, limit=2, progress=False)
+    assert metrics["settings"]["background"] == "background words"
+    # Pixels a background word wins are the background class (0): the run equals mapping by hand
+    # the labels of a plain run whose prompt holds the same words in the same order.
+    plain = [segmenter(path, ["sky|heaven", "car", "wall", "floor"], preset=preset).labels for path in (
+        dataset.files[0].image_path, dataset.files[1].image_path)]  # fmt: skip
+    by_hand = np.zeros_like(np.asarray(metrics["confusion_matrix"]))
+    for labels, index in zip(plain, (0, 1), strict=True):
+        truth = dataset.load(index).label
+        predicted = np.where(labels >= 2, 0, labels + 1)
+        scored = truth != 255
+        np.add.at(by_hand, (truth[scored], predicted[scored]), 1)
+    assert (np.asarray(metrics["confusion_matrix"]) == by_hand).all()
+
+
 def test_missing_data_set_exits_2_naming_the_expected_layout(tiny_model, tmp_path, capsys):
     args = base_args(tmp_path, tiny_model, tmp_path / "out")
     args[args.index("folder")] = "cityscapes19"

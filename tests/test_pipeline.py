@@ -129,6 +129,26 @@ def test_background_threshold_marks_low_scores_as_background(segmenter, rng):
     assert result.pixel_share()["background"] == pytest.approx(low.mean())
 
 
+def test_background_words_are_scored_as_classes_and_their_pixels_become_background(segmenter, rng):
+    # The same prompt either way ("road, car, sky, wall" in that order): the words' pixels are
+    # exactly those the plain run gives to "sky" and "wall"; "Car" is a class, so never background.
+    image = picture(rng, 96, 128)
+    plain = segmenter(image, ["road", "car", "sky", "wall"])
+    preset = segmenter.preset.replace(background_words=("sky", "Car", "wall"))
+    result = segmenter(image, ["road", "car"], preset=preset)
+    assert result.classes == ["road", "car"] and result.attention.shape[0] == 2
+    won_by_words = plain.labels >= 2
+    assert 0 < won_by_words.mean() < 1
+    assert (result.labels == np.where(won_by_words, -1, plain.labels)).all()
+    assert result.pixel_share()["background"] == pytest.approx(won_by_words.mean())
+
+
+@pytest.mark.parametrize("words", [("sky", ""), ("sky|cloud",), "sky", (3,)])
+def test_bad_background_words_are_refused_by_name(segmenter, words):
+    with pytest.raises(ValueError, match="background_words must be a list of non-empty words"):
+        segmenter.preset.replace(background_words=words)
+
+
 def test_preset_can_be_named_or_given_per_call(segmenter, rng):
     image = picture(rng, 64, 64)
     reference = segmenter(image, CLASSES, preset="reference")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import demo, evaluate, segment, serve
+from .commands import benchmark, demo, evaluate, segment, serve
 from .commands.options import EXIT_INTERRUPTED, EXIT_USAGE
 from .loading import ModelNotFoundError
 from .prompts import VocabularyError
@@ -23,6 +23,7 @@ commands:
   segment   label images with any list of class names
   demo      offline: the bundled toy model on held-out toy-world scenes
   evaluate  score a model on a benchmark data set (resumable)
+  benchmark run a suite of data sets (ovss: the training-free open-vocabulary table)
   serve     start the local web demo
 
 examples:
@@ -30,6 +31,7 @@ examples:
   maskdiffusion segment photos/*.jpg --classes @classes.txt --out labels/
   maskdiffusion demo
   maskdiffusion evaluate --dataset toyworld --model toy
+  maskdiffusion benchmark --suite ovss --root data/
 
 Run 'maskdiffusion COMMAND --help' for a command's flags.
 """
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"maskdiffusion {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (segment, demo, evaluate, serve):
+    for command in (segment, demo, evaluate, benchmark, serve):
         command.add_command(commands)
     return parser
 

@@ -215,13 +215,23 @@ class Evaluation:
     # -- settings ------------------------------------------------------------------
 
     def _prompt_indices(self) -> list[int]:
-        """Classes whose words go into the prompt. With a background score threshold on a
-        data set that has a background class (VOC), that class is not prompted: it gets
-        every pixel no other class claims."""
+        """Classes whose words go into the prompt. On a data set with a background class (VOC,
+        Context60, COCO-Object), a preset that finds background itself (background words or a
+        score threshold) leaves that class out of the prompt: it gets every pixel the preset
+        calls background."""
         background = self.dataset.background_index
-        if self.mode == "open-vocab" and self.preset.background_threshold is not None and background is not None:
+        finds_background = self.preset.background_threshold is not None or bool(self.preset.background_words)
+        if self.mode == "open-vocab" and finds_background and background is not None:
             return [i for i in range(self.num_classes) if i != background]
         return list(range(self.num_classes))
+
+    def _background_rule(self) -> str | None:
+        """How the data set's background class is predicted, for the run's settings."""
+        if len(self.prompt_indices) == self.num_classes:
+            return "class word" if self.dataset.background_index is not None else None
+        rules = ["background words"] * bool(self.preset.background_words)
+        rules += ["threshold"] * (self.preset.background_threshold is not None)
+        return " + ".join(rules)
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the metrics; its fingerprint binds a RUN_DIR."""
@@ -244,11 +254,7 @@ class Evaluation:
             "clusters": self.clusters,
             "pool_size": self.pool_size if self.clustering == "dataset" else None,
             "seed": self.seed if unsupervised else None,
-            "background": (
-                "threshold"
-                if len(self.prompt_indices) < self.num_classes
-                else ("class word" if self.dataset.background_index is not None else None)
-            ),
+            "background": self._background_rule(),
             "preset": self.preset.to_dict(),
             "model": self.segmenter.model_id,
             "dtype": str(self.segmenter.dtype).removeprefix("torch."),

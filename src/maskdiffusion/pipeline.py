@@ -25,7 +25,7 @@ from .loading import (
 from .mask_head import class_attention, segment_scores
 from .precision import Precision
 from .presets import Preset, resolve_preset
-from .prompts import ClassName, PromptBatch, parse_classes
+from .prompts import ClassName, PromptBatch, background_classes, parse_classes
 from .result import BACKGROUND, Result
 from .text import TextConditioning, build_prompt_batches, encode
 from .views import (
@@ -66,9 +66,10 @@ class _Pending:
 class _Call:
     """What every image of one ``segment_batch`` call shares."""
 
-    vocabulary: list[ClassName]
+    vocabulary: list[ClassName]  # the classes asked for
+    prompted: list[ClassName]  # those and the preset's background words, each scored as a class
     preset: Preset
-    weights: torch.Tensor  # (C, used tokens) class weights of the captured token maps
+    weights: torch.Tensor  # (len(prompted), used tokens) class weights of the captured token maps
     scale: torch.Tensor | None  # (C,) calibration divisors
     keep_features: bool
     warnings: list[str]
@@ -416,13 +417,15 @@ class MaskDiffusion:
         head = segment_scores(features, resize_maps(attention, layout.grid_shape(preset.feature_factor)), preset)
         image = item.image
         labels = _labels(head.scores, (image.height, image.width), preset.background_threshold, head.present)
+        classes = len(call.vocabulary)
+        labels[labels >= classes] = BACKGROUND  # won by a background word
         item.seconds += time.perf_counter() - start
         return Result(
             classes=[c.name for c in call.vocabulary],
             labels=labels,
-            attention=attention.numpy(),
+            attention=attention[:classes].numpy(),
             image=image,
-            grid_scores=head.scores,
+            grid_scores=head.scores[:classes],
             preset=preset,
             vocabulary=call.vocabulary,
             model=self.model_id,
@@ -430,7 +433,9 @@ class MaskDiffusion:
             timings={"seconds": round(item.seconds, 4)},
             preset_name=call.preset_name,
             warnings=list(call.warnings),
-            absent=[c.name for c, here in zip(call.vocabulary, head.present.tolist(), strict=True) if not here],
+            absent=[
+                c.name for c, here in zip(call.vocabulary, head.present[:classes].tolist(), strict=True) if not here
+            ],
             runtime={
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
@@ -471,16 +476,18 @@ class MaskDiffusion:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         vocabulary, preset = self.check_inputs(classes, preset)
-        batches = build_prompt_batches(self.tokenizers, vocabulary, preset.separator)
+        prompted = [*vocabulary, *background_classes(vocabulary, preset.background_words)]
+        batches = build_prompt_batches(self.tokenizers, prompted, preset.separator)
         prompts = batches[0]
         mass = preset.attention_normalization != "max"  # probabilities: a word's tokens' mass, not their mean
         weights = prompts.token_weights("sum" if mass else "mean").flatten(1)  # (C, P*T)
         used = weights.sum(dim=0) > 0
         call = _Call(
             vocabulary=vocabulary,
+            prompted=prompted,
             preset=preset,
             weights=weights[:, used],
-            scale=self.card.class_scale(vocabulary) ** preset.calibration_strength
+            scale=self.card.class_scale(prompted) ** preset.calibration_strength
             if preset.attention_normalization == "calibrated"
             else None,
             keep_features=keep_features,

@@ -111,6 +111,11 @@ class Preset:
         background_threshold: pixels whose best score is below it are labelled
             background (-1; 255 in PNGs). ``None`` = every pixel gets a class. Cosine
             scores lie in [-1, 1], EM posteriors in [0, 1].
+        background_words: words for what is none of the classes (``"sky"``, ``"wall"``, ...):
+            each is prompted and scored as a class of its own, and the pixels any of them
+            wins are labelled background (-1), as under the threshold. The way to segment
+            "background", which no model can look for as a word; a word that is also one of
+            the classes is left out of them. ``()`` = none.
         refinement: what ``refine_steps`` rounds do: ``"hard"`` recomputes prototypes
             from the current labelling; ``"em"`` runs EM on a von Mises-Fisher mixture with
             the attention as a per-pixel prior, and the scores become class posteriors.
@@ -148,6 +153,7 @@ class Preset:
     scoring: Scoring = "cosine"
     poe_weight: float = 0.1
     background_threshold: float | None = None
+    background_words: tuple[str, ...] = ()
     refinement: Refinement = "hard"
     refine_steps: int = 0
     em_concentration: float = 20.0
@@ -160,6 +166,8 @@ class Preset:
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(_as_int(v) for v in value))
+        if isinstance(self.background_words, list):
+            object.__setattr__(self, "background_words", tuple(self.background_words))
         for name, kind in _NUMBERS.items():
             value = getattr(self, name)
             if kind is int:
@@ -250,6 +258,9 @@ class Preset:
                     f"in [{low:g}, {high:g}]: this preset's {self.score_kind()} lie in [{low:g}, {high:g}], "
                     "so a threshold outside makes every pixel background or none",
                 )
+        words = self.background_words
+        if not (isinstance(words, tuple) and all(isinstance(w, str) and w.strip() and "|" not in w for w in words)):
+            _refuse("background_words", words, "a list of non-empty words without '|' (or empty: none)")
         _choice("long_vocabulary", self.long_vocabulary, LongVocabulary)
 
     def _check_ensemble(self) -> None:

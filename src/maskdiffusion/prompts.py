@@ -191,6 +191,19 @@ def parse_classes(classes: str | Sequence[str | Sequence[str] | ClassName]) -> l
     return parsed
 
 
+def background_classes(classes: Sequence[ClassName], words: Sequence[str]) -> list[ClassName]:
+    """A preset's background ``words`` as one-word classes, leaving out any word that already names one
+    of ``classes`` (or repeats, as CLIP reads text, any case): a class asked for is never background."""
+    taken = {clip_text(word).casefold() for cls in classes for word in cls.synonyms}
+    extra = []
+    for word in words:
+        key = clip_text(word).casefold()
+        if key not in taken:
+            taken.add(key)
+            extra.append(ClassName(name=word.strip(), synonyms=(word.strip(),)))
+    return extra
+
+
 def read_small_text(path: str | os.PathLike, *, what: str, limit: int, hint: str, error: type[ValueError]) -> str:
     """The UTF-8 text of a file that must be small, read no further than ``limit`` bytes.
 
