@@ -11,7 +11,8 @@ from test_datasets import make_cocostuff, make_voc, write_index
 from test_datasets_ovss import make_ade20k, make_context
 
 from maskdiffusion import MaskDiffusion, cli
-from maskdiffusion.suite import OVSS, SCLIP_BACKGROUND_WORDS
+from maskdiffusion.presets import Preset
+from maskdiffusion.suite import OVSS, SCLIP_BACKGROUND_WORDS, column_preset
 
 ROW = np.tile(np.asarray([0, 15, 15, 1, 20, 255]), (4, 1))  # valid in every layout used here
 
@@ -87,3 +88,22 @@ def test_no_suite_data_set_under_root_is_a_usage_error_naming_them(tiny_model, t
     assert benchmark(tmp_path, tiny_model, tmp_path / "out") == 2
     error = capsys.readouterr().err
     assert "none of the ovss data sets" in error and "ade20k" in error and "voc21" in error
+
+
+def test_column_presets_keep_background_words_to_data_sets_with_a_background_class():
+    voc21, voc20 = OVSS[0], OVSS[3]
+    plain = Preset()
+    assert column_preset(plain, voc21, has_background=True).background_words == SCLIP_BACKGROUND_WORDS
+    mine = plain.replace(background_words=("sky", "road"))
+    assert column_preset(mine, voc21, has_background=True).background_words == ("sky", "road")
+    assert column_preset(mine, voc20, has_background=False).background_words == ()
+
+
+def test_background_words_flag_takes_words_or_sclips_list(capsys):
+    parser = cli.build_parser()
+    args = ["evaluate", "--dataset", "voc21", "--root", "x", "--background-words"]
+    assert parser.parse_args([*args, "sky, wall"]).background_words == ("sky", "wall")
+    assert parser.parse_args([*args, "SCLIP"]).background_words == SCLIP_BACKGROUND_WORDS
+    with pytest.raises(SystemExit):
+        parser.parse_args([*args, "sky,,wall"])
+    assert "expected comma-separated words or 'sclip'" in capsys.readouterr().err

@@ -109,10 +109,11 @@ def find_columns(columns: tuple[Column, ...], root: str | Path) -> tuple[list[Co
 
 
 def column_preset(preset: Preset, column: Column, has_background: bool) -> Preset:
-    """``preset`` with the column's background words, on a data set that has a background class."""
-    if not has_background or preset.background_words:
-        return preset
-    return preset.replace(background_words=column.background_words)
+    """``preset`` on ``column``: background words only where the data set has a background class
+    (the preset's own words if it has some, else the column's)."""
+    if not has_background:
+        return preset.replace(background_words=())
+    return preset if preset.background_words else preset.replace(background_words=column.background_words)
 
 
 def run_suite(

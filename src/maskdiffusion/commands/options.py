@@ -13,6 +13,7 @@ from pathlib import Path
 from ..loading import DEFAULT_MODEL, DTYPES
 from ..presets import PRESETS, Preset
 from ..prompts import ClassName, parse_classes, read_class_file
+from ..suite import SCLIP_BACKGROUND_WORDS
 from ..views import InputLimits
 
 EXIT_USAGE = 2
@@ -55,6 +56,16 @@ def int_at_least(minimum: int):
         return value
 
     return parse
+
+
+def background_words(text: str) -> tuple[str, ...]:
+    """``--background-words``: ``"sky, wall"`` or ``sclip`` (SCLIP's list)."""
+    if text.strip().casefold() == "sclip":
+        return SCLIP_BACKGROUND_WORDS
+    words = tuple(word.strip() for word in text.split(","))
+    if not all(words):
+        raise argparse.ArgumentTypeError(f"expected comma-separated words or 'sclip', got {text!r}")
+    return words
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -132,10 +143,18 @@ def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
         help="pixels whose best class score is under it get no class (255 in label PNGs); scores are cosines in "
         "[-1, 1] (the reference preset's dot products are unbounded); default: off",
     )
+    parser.add_argument(
+        "--background-words",
+        type=background_words,
+        metavar="WORDS|sclip",
+        help="comma-separated words for what is none of the classes, each scored as a class and its pixels made "
+        "background (on VOC21 / Context60 / COCO-Object: class 0); 'sclip' = SCLIP's 26 words; default: none",
+    )
     parser.add_argument("--refine-steps", type=int, help="prototype refinement rounds (default 0)")
 
 
-PRESET_FLAGS = ("size", "timestep", "attention_mode", "background_threshold", "refine_steps")  # flag = field name
+# Preset fields with a flag of the same name.
+PRESET_FLAGS = ("size", "timestep", "attention_mode", "background_threshold", "background_words", "refine_steps")
 
 
 def preset_overrides(args: argparse.Namespace) -> dict:
