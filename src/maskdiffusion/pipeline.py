@@ -66,10 +66,9 @@ class _Pending:
 class _Call:
     """What every image of one ``segment_batch`` call shares."""
 
-    vocabulary: list[ClassName]  # the classes asked for
-    prompted: list[ClassName]  # those and the preset's background words, each scored as a class
+    vocabulary: list[ClassName]  # the classes asked for (the preset's background words come after them)
     preset: Preset
-    weights: torch.Tensor  # (len(prompted), used tokens) class weights of the captured token maps
+    weights: torch.Tensor  # (classes + background words, used tokens) class weights of the captured token maps
     scale: torch.Tensor | None  # (C,) calibration divisors
     keep_features: bool
     warnings: list[str]
@@ -484,7 +483,6 @@ class MaskDiffusion:
         used = weights.sum(dim=0) > 0
         call = _Call(
             vocabulary=vocabulary,
-            prompted=prompted,
             preset=preset,
             weights=weights[:, used],
             scale=self.card.class_scale(prompted) ** preset.calibration_strength

@@ -381,35 +381,30 @@ def _choice(name: str, value: object, allowed: object) -> None:
         _refuse(name, value, " or ".join(repr(c) for c in choices))
 
 
+# Ours, for Stable Diffusion (its numbers cannot be measured here; docs/ablation.md has the
+# reasons and the toy model's measurements): layers chosen from the UNet ("auto": in SD 1.x
+# the reference's 16x16 + 8x8 cross-attention layers and the decoder's up_blocks[1] and [2],
+# the training-free counterpart of the reference's ODISE features); softmax probabilities,
+# not max-normalised (an absent class keeps its low mass instead of getting a peak);
+# t = 250 (DIFT: most semantic near t = 261; on the toy model 200-300 beat 0-100 by 3-4
+# points); 10 EM rounds of a von Mises-Fisher mixture with the attention as prior, kappa 20 /
+# beta 2 (lambda = beta / kappa = 0.1, the product-of-experts weight that held over 0.05-0.3).
+_DEFAULT = Preset(
+    attention_factors=AUTO,
+    feature_blocks=AUTO,
+    timestep=250,
+    attention_mode="softmax",
+    attention_normalization="probabilities",
+    refinement="em",
+    refine_steps=10,
+    em_concentration=20.0,
+    em_prior_weight=2.0,
+)
+
 PRESETS: dict[str, Preset] = {
-    # Ours, for Stable Diffusion (its numbers cannot be measured here; docs/ablation.md has the
-    # reasons and the toy model's measurements): layers chosen from the UNet ("auto": in SD 1.x
-    # the reference's 16x16 + 8x8 cross-attention layers and the decoder's up_blocks[1] and [2],
-    # the training-free counterpart of the reference's ODISE features); softmax probabilities,
-    # not max-normalised (an absent class keeps its low mass instead of getting a peak);
-    # t = 250 (DIFT: most semantic near t = 261; on the toy model 200-300 beat 0-100 by 3-4
-    # points); 10 EM rounds of a von Mises-Fisher mixture with the attention as prior, kappa 20 /
-    # beta 2 (lambda = beta / kappa = 0.1, the product-of-experts weight that held over 0.05-0.3).
-    "default": Preset(
-        attention_factors=AUTO,
-        feature_blocks=AUTO,
-        timestep=250,
-        attention_mode="softmax",
-        attention_normalization="probabilities",
-        refinement="em",
-        refine_steps=10,
-        em_concentration=20.0,
-        em_prior_weight=2.0,
-    ),
+    "default": _DEFAULT,
     # The baseline the head must beat: the default pass's class attention, argmax, no features.
-    "attention-only": Preset(
-        attention_factors=AUTO,
-        feature_blocks=AUTO,
-        timestep=250,
-        attention_mode="softmax",
-        attention_normalization="probabilities",
-        scoring="attention",
-    ),
+    "attention-only": _DEFAULT.replace(scoring="attention", refinement="hard", refine_steps=0),
     # The reference mask head: exp scores, 16x16 + 8x8 layers, 32x32 maps, max-normalised,
     # dot product with the un-normalised prototype; features on the same 1/16 grid as the maps.
     "reference": Preset(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files
-from .datasets import DatasetError, build_dataset
+from .datasets import Dataset, DatasetError, build_dataset
 from .evaluation import evaluate
 from .presets import Preset
 from .prompts import background_classes, parse_classes
@@ -95,16 +95,15 @@ ROWS = ("default", "reference", "attention-only")
 """Presets run as rows: ours, the MaskDiffusion paper's head, and attention alone (an ablation)."""
 
 
-def find_columns(columns: tuple[Column, ...], root: str | Path) -> tuple[list[Column], dict[str, str]]:
-    """The columns whose data set is under ``root``, and why each other one is not (its first line)."""
+def find_columns(columns: tuple[Column, ...], root: str | Path) -> tuple[list[tuple[Column, Dataset]], dict[str, str]]:
+    """The columns whose data set is under ``root`` with that data set, and why each other one is not
+    (its error's first line)."""
     present, missing = [], {}
     for column in columns:
         try:
-            build_dataset(column.dataset, root)
+            present.append((column, build_dataset(column.dataset, root)))
         except DatasetError as error:
             missing[column.dataset] = str(error).splitlines()[0]
-        else:
-            present.append(column)
     return present, missing
 
 
@@ -147,8 +146,7 @@ def run_suite(
     protocol: dict[str, Any] = {}
     for name, preset in presets.items():
         scores = {}
-        for column in present:
-            dataset = build_dataset(column.dataset, root)
+        for column, dataset in present:
             chosen = column_preset(preset, column, dataset.background_index is not None)
             log(f"{suite}: {name} on {column.dataset} ({len(dataset)} images) -> {out / name / column.dataset}")
             metrics = evaluate(
@@ -184,7 +182,7 @@ def _average(values) -> float | None:
     return sum(numbers) / len(numbers) if numbers else None
 
 
-def _protocol(metrics: dict[str, Any], preset: Preset, dataset) -> dict[str, Any]:
+def _protocol(metrics: dict[str, Any], preset: Preset, dataset: Dataset) -> dict[str, Any]:
     """What decides a column's numbers besides the model: written beside them."""
     settings = metrics["settings"]
     return {
