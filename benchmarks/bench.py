@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from maskdiffusion import MaskDiffusion
+from maskdiffusion.backbones.unet import UNetBackbone
+from maskdiffusion.families import FAMILIES
 from maskdiffusion.loading import Components, model_presets
 from maskdiffusion.precision import Precision, cpu_isa, cpu_model, native_half
 from maskdiffusion.prompts import clip_tokenizer
@@ -49,7 +51,7 @@ OTHER_TEN = "person, rider, truck, bus, train, motorcycle, bicycle, terrain, tra
 
 def sd15_components(device: torch.device) -> tuple[Components, torch.nn.Module]:
     """SD 1.5-shaped UNet, VAE and text encoder plus a CLIP ViT-L/14-336 image encoder, random (seed 0)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
@@ -73,9 +75,11 @@ def sd15_components(device: torch.device) -> tuple[Components, torch.nn.Module]:
     )  # fmt: skip
     for module in (unet, vae, text, vision):
         module.to(device).eval().requires_grad_(False)
-    schedule = DDPMScheduler(**{k: v for k, v in SD_NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
-    components = Components(vae, unet, text, clip_tokenizer(), schedule.alphas_cumprod, model_presets(Path(".")),
-                            Path("."))  # fmt: skip
+    family = FAMILIES["sd1"]
+    parts = {"unet": unet, "text_encoder": text, "tokenizer": clip_tokenizer()}
+    backbone = UNetBackbone(parts, SD_NOISE_SCHEDULE, 8, family)
+    presets = model_presets(Path("."))
+    components = Components(vae=vae, backbone=backbone, presets=presets, folder=Path("."), family=family)
     return components, vision
 
 
@@ -83,9 +87,9 @@ def half_components(device: torch.device, precision: Precision) -> Components:
     """The same random SD 1.5-shaped models (seed 0) in ``precision``: weights cast once, channels-last."""
     components, vision = sd15_components(device)
     del vision
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in (components.backbone.unet, components.vae, components.backbone.text_encoder):
         module.to(precision.weights)
-    precision.apply(components.vae, components.unet)
+    precision.apply(components.vae, components.backbone)
     return components
 
 
@@ -152,21 +156,21 @@ class ReferencePattern:
 
     def _text(self, batch: int) -> torch.Tensor:
         ids = torch.full((batch, 77), 49407, device=self.device)
-        return self.c.text_encoder(ids)[0]
+        return self.c.backbone.text_encoder(ids)[0]
 
     @torch.no_grad()
     def attention_branch(self, view: torch.Tensor) -> None:
-        c = self.c
+        c, unet = self.c, self.c.backbone.unet
         with self.autocast():
             latent = c.vae.encode(view).latent_dist.mean * 0.18215
             text = self._text(2)
-            c.unet(latent, 0, encoder_hidden_states=text[:1])  # inversion step
-            original = c.unet.attn_processors
-            c.unet.set_attn_processor(self.explicit)
+            unet(latent, 0, encoder_hidden_states=text[:1])  # inversion step
+            original = unet.attn_processors
+            unet.set_attn_processor(self.explicit)
             try:
-                c.unet(latent.repeat(2, 1, 1, 1), 0, encoder_hidden_states=text)
+                unet(latent.repeat(2, 1, 1, 1), 0, encoder_hidden_states=text)
             finally:
-                c.unet.set_attn_processor(original)
+                unet.set_attn_processor(original)
             c.vae.decode(latent / 0.18215)
 
     @torch.no_grad()
@@ -176,7 +180,7 @@ class ReferencePattern:
             pixels = torch.nn.functional.interpolate(crop, size=(336, 336), mode="bilinear")
             embedding = self.vision(pixel_values=pixels).last_hidden_state[:, :77, :768]
             latent = c.vae.encode(crop).latent_dist.mean * 0.18215
-            c.unet(latent, 0, encoder_hidden_states=embedding)
+            c.backbone.unet(latent, 0, encoder_hidden_states=embedding)
             c.vae.decode(latent / 0.18215)
 
     def _view(self) -> torch.Tensor:
@@ -310,7 +314,6 @@ def stage_times(segmenter: MaskDiffusion, image: np.ndarray, classes: str, repea
     """
     import tempfile
 
-    from maskdiffusion.text import build_prompt_batches
     from maskdiffusion.views import ViewLayout, load_image
 
     preset = segmenter.preset
@@ -330,9 +333,9 @@ def stage_times(segmenter: MaskDiffusion, image: np.ndarray, classes: str, repea
 
     for _ in range(repeats):
         crops = timed("input: decode + views", lambda: ViewLayout.for_image(
-            (image.shape[1], image.shape[0]), preset.size, segmenter.layout.block, preset.window_overlap
+            (image.shape[1], image.shape[0]), preset.size, segmenter.backbone.block, preset.window_overlap
         ).crops(load_image(image)))  # fmt: skip
-        batches = build_prompt_batches(segmenter.tokenizers, vocabulary, preset.separator)
+        batches = segmenter.build_prompts(vocabulary, preset.separator)
         text = timed("text encoder", lambda b=batches: segmenter.encode_prompts(b))
         latents = timed("VAE encoder", lambda c=crops: segmenter.encode_views(c))
         timed("UNet pass", lambda lat=latents, t=text: segmenter.capture(lat, t, preset))
@@ -358,10 +361,11 @@ def toyworld(device: torch.device, half: torch.dtype, scenes: int, out: Path) ->
 
 
 def write_report(results, stages, checks, components, vision, device, half, repeats, out: Path) -> None:
-    ours_weights = weights_bytes(components.unet, components.vae, components.text_encoder)
+    unet = components.backbone.unet
+    ours_weights = weights_bytes(unet, components.vae, components.backbone.text_encoder)
     # The reference holds two SD checkpoints (v1.4 for attention, ODISE's v1.3 for features)
     # and the CLIP image encoder.
-    reference_weights = ours_weights + weights_bytes(components.unet, vision)
+    reference_weights = ours_weights + weights_bytes(unet, vision)
     half_name = str(half).removeprefix("torch.")
     rows = []
     for name, r in results.items():

@@ -316,7 +316,7 @@ def time_views(seg, *, repeats: int) -> dict:
         view_peak = max(view_peak, peak.peak)
     if result.labels.shape != (preset.size, preset.size):
         raise RuntimeError(f"labels of shape {result.labels.shape} for a {preset.size}-pixel view")
-    modules = (seg.unet, seg.vae, *seg.text_encoders)
+    modules = (seg.backbone.denoiser, seg.vae, *seg.text_encoders)
     return {
         "family": seg.family.name,
         "size": preset.size,

@@ -40,7 +40,7 @@ def load(model: str | Path, device: str | torch.device = "cpu") -> Components:
 
 
 def _encode(components: Components, captions: Sequence[str]) -> torch.Tensor:
-    tokenizer = components.tokenizer
+    tokenizer = components.backbone.tokenizer
     ids = tokenizer(
         list(captions),
         padding="max_length",
@@ -48,8 +48,8 @@ def _encode(components: Components, captions: Sequence[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    device = next(components.text_encoder.parameters()).device
-    return components.text_encoder(ids.to(device))[0]
+    device = next(components.backbone.text_encoder.parameters()).device
+    return components.backbone.text_encoder(ids.to(device))[0]
 
 
 def _noise(shape: tuple[int, ...], seed: int, column: int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def sample(
     if per_caption < 1 or steps < 1:
         raise ValueError(f"per_caption and steps must be >= 1, got {per_caption} and {steps}")
     components = model if isinstance(model, Components) else load(model, device)
-    unet, vae = components.unet, components.vae
+    unet, vae = components.backbone.unet, components.vae
     run_device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     captions = list(captions)

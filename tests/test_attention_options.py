@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from agreement import SCORE_TOLERANCE, assert_labels_equal_except_near_ties
 
-from maskdiffusion.capture import UNetCapture, UNetLayout, ensemble_passes, propagate, regrid_self_attention
+from maskdiffusion.backbones.unet import UNetCapture, UNetLayout
+from maskdiffusion.capture import ensemble_passes, propagate, regrid_self_attention
 from maskdiffusion.presets import MAX_PASSES, MAX_SELF_ATTENTION_TOKENS, PRESETS, Preset
 from maskdiffusion.prompts import build_prompts, parse_classes
 
@@ -48,7 +49,7 @@ class SelfAttentionProbe:
     """Records the inputs of the self-attention layers at ``factors`` and recomputes their softmax itself."""
 
     def __init__(self, unet, vae, factors):
-        layers = UNetLayout.of(unet, vae).select_self(factors)
+        layers = UNetLayout.of(unet, 8).select_self(factors)
         self.modules = {unet.get_submodule(name.removesuffix(".processor")): f for name, f in layers.items()}
         self.inputs = []
 
@@ -79,7 +80,7 @@ class SelfAttentionProbe:
 
 
 def test_self_attention_is_captured_on_the_chosen_layers_only_and_leaves_the_output_unchanged(segmenter):
-    unet, vae = segmenter.unet, segmenter.vae
+    unet = segmenter.unet
     latents, text = latents_of(), torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         stock = unet(latents, 10, encoder_hidden_states=text).sample
@@ -93,11 +94,11 @@ def test_self_attention_is_captured_on_the_chosen_layers_only_and_leaves_the_out
 
     handle = unet.mid_block.register_forward_hook(installed)
     try:
-        store, captured = UNetCapture(unet, vae, preset).run(latents, 10, text, stop_early=False)
+        store, captured = UNetCapture(unet, 8, preset).run(latents, 10, text, stop_early=False)
     finally:
         handle.remove()
     torch.testing.assert_close(captured, stock, rtol=1e-4, atol=1e-5)
-    layout = UNetLayout.of(unet, vae)
+    layout = UNetLayout.of(unet, 8)
     chosen = {n for n, f in layout.self_attention.items() if f == 16}
     assert len(chosen) == 3 and store.self_attention_layers == 3  # down_blocks.1 + two up_blocks.2 layers
     assert {n for n, kind in seen.items() if kind == "CaptureProcessorTrue"} == chosen
@@ -110,7 +111,7 @@ def test_captured_self_attention_is_the_mean_over_heads_and_layers_of_the_softma
     preset = BASE.replace(self_attention_factors=(16,))
     latents, text = latents_of(seed=2), torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(3))
     with SelfAttentionProbe(segmenter.unet, segmenter.vae, (16,)) as probe:
-        store, _ = UNetCapture(segmenter.unet, segmenter.vae, preset).run(latents, 0, text)
+        store, _ = UNetCapture(segmenter.unet, segmenter.vae_factor, preset).run(latents, 0, text)
     expected = torch.stack([s for _, s in probe.matrices()]).mean(dim=0)
     captured = store.self_attention_mean()
     assert captured.shape == (2, 64, 64) and captured.dtype == torch.float32  # 8x8 cells at 1/16 of 128
@@ -122,7 +123,7 @@ def test_self_attention_stays_float32_probabilities_under_bfloat16_autocast(segm
     preset = BASE.replace(self_attention_factors=(16, 32))  # the 1/32 layer is regridded: einsum under autocast
     latents, text = latents_of(seed=9), torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        store, _ = UNetCapture(segmenter.unet, segmenter.vae, preset).run(latents, 0, text)
+        store, _ = UNetCapture(segmenter.unet, segmenter.vae_factor, preset).run(latents, 0, text)
     captured = store.self_attention_mean()
     assert captured.dtype == torch.float32 and store.self_attention_layers == 6
     torch.testing.assert_close(captured.sum(dim=-1), torch.ones(2, 64), rtol=0, atol=1e-5)  # bf16 sums miss by ~1e-2
@@ -206,9 +207,9 @@ def test_one_noised_pass_equals_the_schedules_formula(segmenter):
     preset = BASE.replace(timestep=300, seed=11)
     attention, features = segmenter.capture(latents, text, preset)
     noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(11))
-    alpha = segmenter.alphas_cumprod[300]
+    alpha = segmenter.backbone.schedule.alphas_cumprod[300]
     noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise  # the same noise for every view
-    store, _ = UNetCapture(segmenter.unet, segmenter.vae, preset).run(noisy, 300, text.hidden.expand(2, -1, -1))
+    store, _ = UNetCapture(segmenter.unet, segmenter.vae_factor, preset).run(noisy, 300, text.hidden.expand(2, -1, -1))
     torch.testing.assert_close(attention, store.layer_mean().view(2, 1, 77, 8, 8), rtol=0, atol=0)
     expected_features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
     torch.testing.assert_close(features, expected_features, rtol=0, atol=0)
@@ -363,6 +364,7 @@ def test_the_model_must_have_the_layers_and_timesteps_asked_for(segmenter, rng, 
     image = picture(rng, 64, 64)
     with pytest.raises(ValueError, match=r"no self-attention layer at down-sampling factor\(s\) \[4\].*8, 16, 32, 64"):
         segmenter(image, CLASSES, preset=BASE.replace(size=64, self_attention_factors=(4,)))
-    monkeypatch.setattr(segmenter, "alphas_cumprod", segmenter.alphas_cumprod[:500])  # a model with a shorter schedule
+    shorter = segmenter.backbone.schedule.alphas_cumprod[:500]  # a model with a shorter schedule
+    monkeypatch.setattr(segmenter.backbone.schedule, "alphas_cumprod", shorter)
     with pytest.raises(ValueError, match=r"timestep\(s\) \[600\] past this model's noise schedule: use 0 to 499"):
         segmenter(image, CLASSES, preset=BASE.replace(timestep=100, ensemble_timesteps=(200, 600)))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from maskdiffusion import MaskDiffusion
-from maskdiffusion.capture import UNetLayout
+from maskdiffusion.backbones.unet import UNetLayout
 from maskdiffusion.families import FAMILIES, TURBO_TIMESTEP, ModelDescription, detect, native_size
 from maskdiffusion.loading import SETTINGS_FILE, folder_family, model_presets, read_settings, toy_model_path
 from maskdiffusion.presets import AUTO, PRESETS
@@ -80,7 +80,12 @@ def test_a_declared_family_wins_over_every_rule():
     assert detect(model(SD_UNET, declared="sdxl-turbo")) is FAMILIES["sdxl-turbo"]
 
 
-@pytest.mark.parametrize("declared", ["sd3", "SDXL", "", 5, ["sdxl"], {"name": "sdxl"}])
+def test_a_declared_family_of_another_architecture_is_refused():
+    with pytest.raises(ValueError, match=r"'sd3' is a sd3 model, but this folder's denoiser is a UNet2DConditionModel"):
+        detect(model(declared="sd3"))
+
+
+@pytest.mark.parametrize("declared", ["sd4", "SDXL", "", 5, ["sdxl"], {"name": "sdxl"}])
 def test_an_unknown_declared_family_is_a_value_error_naming_every_choice(declared):
     with pytest.raises(ValueError, match='"family"') as error:
         detect(model(declared=declared))
@@ -110,12 +115,11 @@ def test_native_size_reads_other_vae_factors_and_non_square_samples():
 
 
 def layout_of(folder) -> UNetLayout:
-    """The :class:`UNetLayout` of a model folder's UNet and VAE, loaded by diffusers."""
+    """The :class:`UNetLayout` of a model folder's UNet (with its VAE's factor), loaded by diffusers."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    return UNetLayout.of(
-        UNet2DConditionModel.from_pretrained(folder / "unet"), AutoencoderKL.from_pretrained(folder / "vae")
-    )
+    factor = 2 ** (len(AutoencoderKL.from_pretrained(folder / "vae").config.block_out_channels) - 1)
+    return UNetLayout.of(UNet2DConditionModel.from_pretrained(folder / "unet"), factor)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +228,7 @@ def test_a_folders_preset_overrides_win_over_its_family(tiny_family_model, tmp_p
     assert presets["default"].size == presets["reference"].size == 128
 
 
-@pytest.mark.parametrize("declared", ["sd3", ["sdxl"]])
+@pytest.mark.parametrize("declared", ["sd4", ["sdxl"]])
 def test_a_bad_declared_family_names_the_settings_file(declared, tiny_family_model, tmp_path):
     folder = copy_with_settings(tiny_family_model("sd1"), tmp_path / "model", {"family": declared})
     where = re.escape(f"model settings file {str(folder / SETTINGS_FILE)!r}")
@@ -249,6 +253,6 @@ def test_a_half_precision_vae_that_asks_for_upcast_stays_in_float32(tiny_family_
     config = folder / "vae" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": True}))
     loaded = load_components(folder, device=torch.device("cpu"), dtype=torch.float16)
-    assert loaded.vae.dtype == torch.float32 and loaded.unet.dtype == torch.float16
+    assert loaded.vae.dtype == torch.float32 and loaded.backbone.unet.dtype == torch.float16
     config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": False}))
     assert load_components(folder, device=torch.device("cpu"), dtype=torch.float16).vae.dtype == torch.float16

@@ -226,7 +226,7 @@ def test_v_prediction_model_noises_with_its_own_schedule(tiny_family_model, tmp_
     own = DDIMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod
     stable_diffusion = DDIMScheduler(**SD_NOISE_SCHEDULE).alphas_cumprod
     assert not torch.allclose(own, stable_diffusion)
-    torch.testing.assert_close(seg.alphas_cumprod, own.float(), rtol=0, atol=0)
+    torch.testing.assert_close(seg.backbone.schedule.alphas_cumprod, own.float(), rtol=0, atol=0)
 
     batches = build_prompt_batches(seg.tokenizers, parse_classes(["sky", "sand"]), " and ")
     clean = torch.randn((1, 4, 24, 24), generator=torch.Generator().manual_seed(1))
@@ -301,7 +301,8 @@ def test_from_pipe_shares_the_modules_and_leaves_the_pipeline_as_it_was(family, 
         assert seg.text_encoder_2 is None and seg.tokenizer_2 is None
     assert seg.family.name == EXPECTED[family][0]
     assert seg.device == pipe.unet.device and seg.dtype == pipe.unet.dtype
-    torch.testing.assert_close(seg.alphas_cumprod, pipe.scheduler.alphas_cumprod.float(), rtol=0, atol=0)
+    own = pipe.scheduler.alphas_cumprod.float()
+    torch.testing.assert_close(seg.backbone.schedule.alphas_cumprod, own, rtol=0, atol=0)
     result = seg(scene(), classes=CLASSES)
     assert result.labels.shape == (64, 96)
     assert_resolved_layers(as_written(result)["settings"], family)

@@ -238,13 +238,13 @@ def test_shared_queries_equal_the_plain_pass_for_one_prompt(segmenter, rng):
 def test_stored_queries_give_the_first_layers_attention_for_another_prompt_exactly(segmenter):
     # down_blocks.0 is the first cross-attention layer: its queries do not depend on the
     # prompt, so attending from stored queries equals running the other prompt through it.
-    from maskdiffusion.capture import UNetCapture
+    from maskdiffusion.backbones.unet import UNetCapture
 
     preset = segmenter.preset.replace(size=64, attention_factors=(8,), attention_factor=8)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=gen)
     first, second = torch.randn(2, 1, 77, 32, generator=gen)
-    capture = UNetCapture(segmenter.unet, segmenter.vae, preset)
+    capture = UNetCapture(segmenter.unet, segmenter.vae_factor, preset)
     with_first, _ = capture.run(latents, 0, first.expand(2, -1, -1), keep_queries=True)
     with_second, _ = capture.run(latents, 0, second.expand(2, -1, -1))
     attended = with_first.attend(second)

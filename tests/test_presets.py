@@ -44,7 +44,7 @@ DEFAULT = PRESETS["default"]
         ({"attention_factors": 32}, r"attention_factors must be a list"),
         ({"attention_factor": 0}, r"attention_factor must be a down-sampling factor from 1 to size"),
         ({"feature_factor": 8.0}, r"feature_factor must be"),
-        ({"feature_blocks": (-1,)}, r"feature_blocks must be distinct up-block indices from 0 to 15"),
+        ({"feature_blocks": (-1,)}, r"feature_blocks must be distinct block indices from 0 to 127"),
         ({"feature_blocks": (True,)}, r"feature_blocks must be distinct"),
         ({"scoring": "cos"}, r"scoring must be 'cosine' or 'dot' or 'poe' or 'attention', got 'cos'"),
         ({"attention_mode": "exp"}, r"attention_normalization must be 'max' with .*softmax"),

@@ -253,8 +253,8 @@ def test_weights_are_seeded(tmp_path):
 
 
 def test_unknown_family_is_refused_with_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown tiny model family 'sd3'.*sd1, sd2-v, three-level, no-mid, sdxl"):
-        build_tiny_model(tmp_path / "model", family="sd3")
+    with pytest.raises(ValueError, match=r"unknown tiny model family 'sd4'.*sd1, sd2-v, three-level, no-mid, sdxl"):
+        build_tiny_model(tmp_path / "model", family="sd4")
     assert not list(tmp_path.iterdir())
 
 

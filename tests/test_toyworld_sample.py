@@ -57,7 +57,8 @@ def test_sampling_is_deterministic_per_seed_and_shaped(tiny_components):
     captions = ["a star on grass", "water"]
     kwargs = {"per_caption": 2, "steps": 2, "guidance": 3.0}
     first = toysample.sample(tiny_components, captions, seed=1, **kwargs)
-    size = tiny_components.unet.config.sample_size * 2 ** (len(tiny_components.vae.config.block_out_channels) - 1)
+    vae_factor = 2 ** (len(tiny_components.vae.config.block_out_channels) - 1)
+    size = tiny_components.backbone.unet.config.sample_size * vae_factor
     assert first.shape == (4, size, size, 3) and first.dtype == np.uint8
     assert np.array_equal(first, toysample.sample(tiny_components, captions, seed=1, **kwargs))
     assert not np.array_equal(first, toysample.sample(tiny_components, captions, seed=2, **kwargs))

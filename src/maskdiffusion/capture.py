@@ -1,10 +1,10 @@
-"""Capture cross-attention maps, self-attention and decoder features in one UNet pass.
+"""What every backbone's pass captures, and how passes are averaged: model-independent pieces.
 
-Cross-attention (and, when a preset asks, self-attention) is read through a diffusers
-attention processor installed on the chosen layers only (every other layer keeps its fused
-SDPA kernel); decoder features through forward hooks on the chosen up blocks. Once
-everything needed has been seen the pass stops, so the finest (most expensive) decoder
-level is skipped when nothing uses it.
+Attention is read through a diffusers attention processor installed on the chosen layers
+only (every other layer keeps its fused SDPA kernel); features through forward hooks on the
+chosen blocks. Once everything needed has been seen a hook raises :class:`PassComplete`, so
+the rest of the model is skipped. :func:`installed` puts processors and hooks in place for
+one pass and restores the model's own afterwards, whatever happens.
 
 Attention maps are kept as logarithms in float32: ``exp`` maps are ``QK^T * scale``
 itself, ``softmax`` maps are its log-softmax over the prompt tokens. Averages over heads,
@@ -21,132 +21,56 @@ multi-noise ensemble.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .presets import AUTO, Preset
+from .presets import Preset
 from .views import bilinear_matrix, resize_maps
 
-AUTO_MIN_FACTOR = 32  # "auto" attention: layers with at most 16x16 queries at a 512 view (the reference's set)
+
+class PassComplete(Exception):
+    """Raised by a hook once every captured signal exists, to skip the rest of the model."""
 
 
-@dataclass(frozen=True)
-class UNetLayout:
-    """Where the UNet's cross-attention layers sit.
+@contextmanager
+def installed(
+    model,
+    processors: dict[str, object],
+    hooks: Sequence[tuple[torch.nn.Module, Callable]] = (),
+    pre_hooks: Sequence[tuple[torch.nn.Module, Callable]] = (),
+) -> Iterator[None]:
+    """``model`` (a diffusers model with attention processors) with ``processors`` (name -> processor)
+    installed over its own, forward ``hooks`` and ``pre_hooks`` (kwargs-aware) registered, for one pass.
 
-    ``vae_factor``: pixels per latent cell; ``levels``: number of UNet resolutions;
-    ``cross_attention`` / ``self_attention``: processor name -> down-sampling factor
-    relative to the view.
+    The model's own processors come back and every hook is removed afterwards, also when the
+    pass fails, so a model shared with a pipeline is left as it was found.
     """
-
-    vae_factor: int
-    levels: int
-    cross_attention: dict[str, int]
-    self_attention: dict[str, int] = field(default_factory=dict)
-    up_block_factors: tuple[int, ...] = ()  # factor of each up block's output (after its upsampler)
-
-    @property
-    def block(self) -> int:
-        """Views must be multiples of this many pixels."""
-        return self.vae_factor * 2 ** (self.levels - 1)
-
-    @classmethod
-    def of(cls, unet, vae) -> UNetLayout:
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        levels = len(unet.config.block_out_channels)
-        factors: dict[str, dict[str, int]] = {".attn1.": {}, ".attn2.": {}}
-        for name in unet.attn_processors:
-            kind = next((k for k in factors if k in name), None)
-            if kind is None:
-                continue
-            match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", name)
-            if name.startswith("mid_block"):
-                level = levels - 1
-            elif match and match.group(1) == "down_blocks":
-                level = int(match.group(2))
-            elif match:
-                level = levels - 1 - int(match.group(2))
-            else:
-                continue
-            factors[kind][name] = vae_factor * 2**level
-        outputs = []
-        for index, block in enumerate(unet.up_blocks):
-            level = levels - 1 - index - (1 if getattr(block, "upsamplers", None) else 0)
-            outputs.append(vae_factor * 2 ** max(level, 0))
-        return cls(
-            vae_factor=vae_factor,
-            levels=levels,
-            cross_attention=factors[".attn2."],
-            self_attention=factors[".attn1."],
-            up_block_factors=tuple(outputs),
-        )
-
-    def auto_attention_factors(self) -> tuple[int, ...]:
-        """``attention_factors="auto"``: every cross-attention level at factor >= :data:`AUTO_MIN_FACTOR`,
-        or the coarsest level when there is none that coarse."""
-        available = sorted(set(self.cross_attention.values()))
-        if not available:
-            raise ValueError("this UNet has no cross-attention layer: it cannot be prompted with class names")
-        chosen = tuple(f for f in available if f >= AUTO_MIN_FACTOR)
-        return chosen or (available[-1],)
-
-    def auto_feature_blocks(self) -> tuple[int, ...]:
-        """``feature_blocks="auto"``: the first up blocks whose outputs lie at twice and at once the VAE's
-        factor (the decoder at 1/16 and 1/8 of the view in Stable Diffusion)."""
-        chosen = []
-        for factor in (2 * self.vae_factor, self.vae_factor):
-            if factor in self.up_block_factors:
-                chosen.append(self.up_block_factors.index(factor))
-        if not chosen:
-            raise ValueError(
-                f"this UNet's up blocks output at factors {list(self.up_block_factors)}; none at "
-                f"{2 * self.vae_factor} or {self.vae_factor}: set Preset.feature_blocks"
-            )
-        return tuple(chosen)
-
-    def resolve(self, preset: Preset) -> Preset:
-        """``preset`` with its ``"auto"`` layer fields replaced by this UNet's choice."""
-        changes = {}
-        if preset.attention_factors == AUTO:
-            changes["attention_factors"] = self.auto_attention_factors()
-        if preset.feature_blocks == AUTO:
-            changes["feature_blocks"] = self.auto_feature_blocks()
-        return preset.replace(**changes) if changes else preset
-
-    def select(self, attention_factors: tuple[int, ...]) -> dict[str, int]:
-        """Processors of the cross-attention layers at the given factors; error if a factor has none."""
-        return _select(self.cross_attention, attention_factors, "cross-attention", "attention_factors")
-
-    def select_self(self, self_attention_factors: tuple[int, ...]) -> dict[str, int]:
-        """Processors of the self-attention layers at the given factors; error if a factor has none."""
-        return _select(self.self_attention, self_attention_factors, "self-attention", "self_attention_factors")
+    original = model.attn_processors
+    model.set_attn_processor({**original, **processors})
+    handles = []
+    try:
+        handles += [module.register_forward_hook(hook) for module, hook in hooks]
+        handles += [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.set_attn_processor(original)
 
 
-def _select(layers: dict[str, int], factors: tuple[int, ...], kind: str, field_name: str) -> dict[str, int]:
-    available = sorted(set(layers.values()))
-    missing = [f for f in factors if f not in available]
-    if missing:
-        raise ValueError(
-            f"this UNet has no {kind} layer at down-sampling factor(s) {missing}; "
-            f"it has layers at {available} (set Preset.{field_name} accordingly)"
-        )
-    return {n: f for n, f in layers.items() if f in factors}
-
-
-def _layer_stop_block(name: str) -> int:
-    """Index of the up block that must run for layer ``name`` to have run (-1: before any)."""
-    match = re.match(r"up_blocks\.(\d+)\.", name)
-    return int(match.group(1)) if match else -1
+def features_on_grid(raw: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(B, D, h, w)`` activations -> float32, L2-normalised over channels, resized to ``grid``."""
+    with torch.autocast(raw.device.type, enabled=False):
+        return resize_maps(F.normalize(raw.float(), dim=1), grid)
 
 
 @dataclass
 class CaptureStore:
-    """What one UNet pass leaves behind.
+    """What one pass leaves behind.
 
     ``attention``: one ``(B, K, h, w)`` float32 log-map per captured layer, resized to
     the common attention grid; ``features``: ``block -> (B, D, H, W)`` float32, each
@@ -166,6 +90,18 @@ class CaptureStore:
     self_attention_sum: torch.Tensor | None = None
     self_attention_layers: int = 0
 
+    @classmethod
+    def for_view(cls, view: tuple[int, int], preset: Preset, *, keep_queries: bool = False) -> CaptureStore:
+        """An empty store for views of ``view = (height, width)`` pixels, on the preset's grids."""
+        finest = min(preset.self_attention_factors, default=None)
+        return cls(
+            view_size=view,
+            attention_mode=preset.attention_mode,
+            attention_grid=(view[0] // preset.attention_factor, view[1] // preset.attention_factor),
+            keep_queries=keep_queries,
+            self_attention_grid=None if finest is None else (view[0] // finest, view[1] // finest),
+        )
+
     def record(self, attn, query: torch.Tensor, scores: torch.Tensor, factor: int) -> None:
         """Called by :class:`CaptureProcessor` for every captured layer."""
         self.add_attention(scores, factor)
@@ -177,13 +113,18 @@ class CaptureStore:
         with torch.autocast(scores.device.type, enabled=False):  # maps stay float32 under autocast
             if self.attention_mode == "softmax":
                 scores = scores.log_softmax(dim=-1)
-            batch, heads, queries, keys = scores.shape
-            rows, cols = self.view_size[0] // factor, self.view_size[1] // factor
-            if rows * cols != queries:
-                raise RuntimeError(f"layer at factor {factor} has {queries} queries, expected {rows}x{cols}")
-            log_mean = torch.logsumexp(scores, dim=1) - math.log(heads)  # (B, N, K)
-            log_mean = log_mean.transpose(1, 2).reshape(batch, keys, rows, cols)
-            self.attention.append(resize_log_maps(log_mean, self.attention_grid))
+            log_mean = torch.logsumexp(scores, dim=1) - math.log(scores.shape[1])  # (B, N, K)
+            self.add_log_maps(log_mean, factor)
+
+    def add_log_maps(self, log_maps: torch.Tensor, factor: int) -> None:
+        """``log_maps``: ``(B, N, K)`` float32 logs of one layer's maps over its ``N`` queries at ``factor``."""
+        batch, queries, keys = log_maps.shape
+        rows, cols = self.view_size[0] // factor, self.view_size[1] // factor
+        if rows * cols != queries:
+            raise RuntimeError(f"layer at factor {factor} has {queries} queries, expected {rows}x{cols}")
+        with torch.autocast(log_maps.device.type, enabled=False):
+            grid = log_maps.float().transpose(1, 2).reshape(batch, keys, rows, cols)
+            self.attention.append(resize_log_maps(grid, self.attention_grid))
 
     def layer_mean(self) -> torch.Tensor:
         """``(B, K, h, w)`` log of the mean over captured layers of the attention maps."""
@@ -346,8 +287,9 @@ class CaptureProcessor:
     Installed on a cross-attention layer (text keys) it records the scores; on a
     self-attention layer (``self_attention=True``) the head-mean probabilities, formed one
     head at a time so memory stays at one ``(B, N, N)`` matrix. The output equals
-    diffusers' stock processor (softmax(QK^T * scale) V); the scores are formed in float32
-    whatever the model's dtype.
+    diffusers' stock processor (softmax(QK^T * scale + mask) V); the scores are formed in
+    float32 whatever the model's dtype. An attention mask (PixArt's padded T5 prompt: 0 to
+    keep a key, -10000 to drop it) is added to the recorded scores as the model adds it.
     """
 
     def __init__(self, store_ref: list[CaptureStore], factor: int, *, self_attention: bool = False):
@@ -358,12 +300,18 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if (encoder_hidden_states is None) != self.self_attention:
             raise NotImplementedError(f"CaptureProcessor(self_attention={self.self_attention}) got the other kind")
-        if attention_mask is not None or attn.spatial_norm is not None:
-            raise NotImplementedError("CaptureProcessor handles attention without masks only")
+        if attn.spatial_norm is not None:
+            raise NotImplementedError("CaptureProcessor handles attention without spatial norms only")
         residual = hidden_states
         if hidden_states.ndim == 4:
             raise NotImplementedError("CaptureProcessor expects (B, N, C) hidden states")
         batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            if self.self_attention:
+                raise NotImplementedError("CaptureProcessor handles self-attention without masks only")
+            keys = encoder_hidden_states.shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, keys).float()
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -386,6 +334,8 @@ class CaptureProcessor:
         else:
             with torch.autocast(query.device.type, enabled=False):
                 scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+                if attention_mask is not None:
+                    scores = scores + attention_mask
             probs = scores.softmax(dim=-1)
             out = torch.matmul(probs.to(value.dtype), value)
             self._store_ref[0].record(attn, query, scores, self.factor)
@@ -407,103 +357,3 @@ class CaptureProcessor:
             outputs.append(torch.matmul(probs.to(value.dtype), value[:, head]))
         self._store_ref[0].add_self_attention(total / query.shape[1], self.factor)
         return torch.stack(outputs, dim=1)
-
-
-class _PassComplete(Exception):
-    """Raised by a hook once every captured signal exists, to skip the rest of the UNet."""
-
-
-class UNetCapture:
-    """Runs a UNet once and returns its captured attention maps, self-attention and features.
-
-    Processors are installed for the duration of :meth:`run` and the model's own
-    processors restored afterwards, so the UNet object is left as it was found.
-    """
-
-    def __init__(self, unet, vae, preset: Preset):
-        self.unet = unet
-        self.layout = UNetLayout.of(unet, vae)
-        self.preset = preset = self.layout.resolve(preset)
-        self.layers = self.layout.select(preset.attention_factors)
-        self.self_layers = self.layout.select_self(preset.self_attention_factors)
-        up_count = len(unet.up_blocks)
-        bad = [b for b in preset.feature_blocks if not 0 <= b < up_count]
-        if bad:
-            raise ValueError(f"feature_blocks {bad} out of range: this UNet has up blocks 0..{up_count - 1}")
-        stops = [_layer_stop_block(n) for n in (*self.layers, *self.self_layers)]
-        self.stop_block = max([*stops, *preset.feature_blocks])
-
-    @contextmanager
-    def _installed(
-        self, store_ref: list[CaptureStore], features: dict[int, torch.Tensor], stop: bool
-    ) -> Iterator[None]:
-        original = self.unet.attn_processors
-        processors = dict(original)
-        processors.update({name: CaptureProcessor(store_ref, factor) for name, factor in self.layers.items()})
-        processors.update(
-            {name: CaptureProcessor(store_ref, f, self_attention=True) for name, f in self.self_layers.items()}
-        )
-        handles = []
-
-        def feature_hook(index: int):
-            def hook(module, args, output):
-                if index in self.preset.feature_blocks:
-                    features[index] = output
-                if stop and index == self.stop_block:
-                    raise _PassComplete
-
-            return hook
-
-        self.unet.set_attn_processor(processors)
-        try:
-            for index, block in enumerate(self.unet.up_blocks):
-                if index in self.preset.feature_blocks or index == self.stop_block:
-                    handles.append(block.register_forward_hook(feature_hook(index)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.unet.set_attn_processor(original)
-
-    @torch.no_grad()
-    def run(
-        self,
-        latents: torch.Tensor,
-        timestep: int,
-        text: torch.Tensor,
-        *,
-        stop_early: bool = True,
-        keep_queries: bool = False,
-        added_conditions: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[CaptureStore, torch.Tensor | None]:
-        """One pass over ``latents`` ``(B, c, h, w)`` with ``text`` ``(B, T, E)`` (and SDXL's
-        ``added_conditions``: pooled text embeddings and size/crop ids).
-
-        Returns the store (attention log-maps on the 1/``attention_factor`` grid,
-        features on the 1/``feature_factor`` grid, self-attention of the
-        ``self_attention_factors`` layers on the finest one's grid, and with
-        ``keep_queries`` the captured layers' queries for :meth:`CaptureStore.attend`) and
-        the UNet output (``None`` when the pass stopped early).
-        """
-        view = (latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor)
-        grid = (view[0] // self.preset.attention_factor, view[1] // self.preset.attention_factor)
-        finest = min(self.preset.self_attention_factors, default=None)
-        store = CaptureStore(
-            view_size=view,
-            attention_mode=self.preset.attention_mode,
-            attention_grid=grid,
-            keep_queries=keep_queries,
-            self_attention_grid=None if finest is None else (view[0] // finest, view[1] // finest),
-        )
-        raw: dict[int, torch.Tensor] = {}
-        output = None
-        with self._installed([store], raw, stop_early), suppress(_PassComplete):
-            output = self.unet(
-                latents, timestep, encoder_hidden_states=text, added_cond_kwargs=added_conditions, return_dict=False
-            )[0]
-        feature_grid = (view[0] // self.preset.feature_factor, view[1] // self.preset.feature_factor)
-        with torch.autocast(latents.device.type, enabled=False):
-            for index in self.preset.feature_blocks:
-                normalised = F.normalize(raw[index].float(), dim=1)
-                store.features[index] = resize_maps(normalised, feature_grid)
-        return store, output

@@ -1,42 +1,54 @@
-"""Find and load the four Stable Diffusion components MaskDiffusion needs.
+"""Find and load the components MaskDiffusion needs from a diffusers folder or hub id.
 
-A model is a diffusers Stable Diffusion 1.x/2.x folder or a hub id. Only the VAE,
-UNet, text encoder, tokenizer and noise schedule are read (no safety checker, no
-sampler). Hub ids are looked up in the local cache first, so an offline machine with
-the weights cached never touches the network; when nothing is cached and the hub is
+A model is a diffusers folder (or hub id) of any architecture in
+:data:`maskdiffusion.backbones.BACKBONES`: a UNet (Stable Diffusion 1.x/2.x, SDXL) or a
+transformer (SD3/3.5, FLUX.1, PixArt-Σ). Only the VAE, the denoiser, the text encoders and
+tokenizers the backbone lists and the noise schedule are read (no safety checker, no
+sampler). Hub ids are looked up in the local cache first, so an offline machine with the
+weights cached never touches the network; when nothing is cached and the hub is
 unreachable, the error says how to get the weights or what to pass instead.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .families import FAMILIES, Family, ModelDescription, detect, family_changes, native_size
+from .backbones import BACKBONES, Backbone, Part
+from .families import ARCHITECTURES, Family, ModelDescription, detect, family_changes, native_size
 from .model_card import SETTINGS_FILE, ModelCard, json_kind, model_card, read_settings
 from .presets import PRESETS, Preset
 from .prompts import shorten
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+SUPPORTED = "Stable Diffusion 1.x/2.x/XL (unet/), SD3/3.5, FLUX.1 or PixArt-Σ (transformer/)"
 HUB_FILES = [
     "model_index.json",
     "scheduler/scheduler_config.json",
-    "tokenizer/*",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "text_encoder_2/config.json",  # SDXL's second text encoder and tokenizer
-    "text_encoder_2/model.safetensors",
-    "tokenizer_2/*",
+    *(
+        f"{denoiser}/{name}"
+        for denoiser in ("unet", "transformer")
+        for name in (
+            "config.json",
+            "diffusion_pytorch_model*.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json",
+        )
+    ),
+    *(
+        f"text_encoder{n}/{name}"
+        for n in ("", "_2", "_3")
+        for name in ("config.json", "model*.safetensors", "model.safetensors.index.json")
+    ),
+    *(f"tokenizer{n}/*" for n in ("", "_2", "_3")),
 ]
+VARIANT = re.compile(r"\.(fp16|bf16|fp32)[.-]")  # diffusers' weight variants: the plain files are what is loaded
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -68,11 +80,27 @@ def _alias_folder(model: str) -> Path | None:
     return None
 
 
+def folder_architecture(folder: Path) -> str | None:
+    """The backbone (key of :data:`~maskdiffusion.backbones.BACKBONES`) a folder needs, from its denoiser's
+    configuration (``transformer/`` or ``unet/``), or ``None`` when it has neither."""
+    transformer = folder / "transformer"
+    if transformer.is_dir():
+        name = _json_file(transformer / "config.json").get("_class_name")
+        return ARCHITECTURES.get(str(name), "unknown")
+    return "unet" if (folder / "unet").is_dir() else None
+
+
 def _missing_parts(folder: Path) -> list[str]:
-    missing = [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir()]
-    for part in ("unet", "vae", "text_encoder"):
-        if (folder / part).is_dir() and not (folder / part / "config.json").exists():
-            missing.append(f"{part}/config.json")
+    architecture = folder_architecture(folder)
+    if architecture is None:
+        return ["unet/ or transformer/", *([] if (folder / "vae").is_dir() else ["vae/"])]
+    if architecture not in BACKBONES:
+        return ["transformer/config.json of SD3Transformer2DModel, FluxTransformer2DModel or PixArtTransformer2DModel"]
+    parts = {"vae": Part("diffusers", "AutoencoderKL"), **BACKBONES[architecture].parts}
+    missing = [f"{name}/" for name, part in parts.items() if part.required and not (folder / name).is_dir()]
+    for name, part in parts.items():
+        if part.weights and (folder / name).is_dir() and not (folder / name / "config.json").exists():
+            missing.append(f"{name}/config.json")
     return missing
 
 
@@ -104,8 +132,9 @@ def resolve_model_folder(model: str, *, local_files_only: bool | None = None) ->
         missing = _missing_parts(path)
         if missing:
             raise ModelNotFoundError(
-                f"model folder {str(path)!r} is not a diffusers Stable Diffusion folder: missing {missing}. "
-                "It needs unet/, vae/, text_encoder/ and tokenizer/ subfolders (as saved by diffusers)."
+                f"model folder {str(path)!r} is not a diffusers folder of a model maskdiffusion reads: missing "
+                f"{missing}. It needs the subfolders its pipeline saves ({SUPPORTED}: vae/, the denoiser, "
+                "text_encoder/ and tokenizer/ and the others its model has)."
             )
         return path
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
@@ -130,7 +159,7 @@ def resolve_model_folder(model: str, *, local_files_only: bool | None = None) ->
     folder = download_model(model)
     missing = _missing_parts(folder)
     if missing:
-        raise ModelNotFoundError(f"hub model {shorten(model)} lacks {missing}: is it a Stable Diffusion 1.x/2.x model?")
+        raise ModelNotFoundError(f"hub model {shorten(model)} lacks {missing}: is it a {SUPPORTED} model?")
     return folder
 
 
@@ -156,11 +185,15 @@ def download_model(model: str) -> Path:
     step = "looking up"
     try:
         info = HfApi().model_info(model, timeout=timeout)
-        wanted = [s.rfilename for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in HUB_FILES)]
+        wanted = [
+            s.rfilename
+            for s in info.siblings or []
+            if any(fnmatch(s.rfilename, p) for p in HUB_FILES) and not VARIANT.search(s.rfilename)
+        ]
         if not wanted:
             raise ModelNotFoundError(
                 f"hub model {shorten(model)} has none of the files MaskDiffusion reads ({', '.join(HUB_FILES)}): "
-                "is it a diffusers Stable Diffusion 1.x/2.x model with .safetensors weights?"
+                f"is it a diffusers {SUPPORTED} model with .safetensors weights?"
             )
         step = "downloading"
         for name in wanted:
@@ -186,21 +219,16 @@ def download_model(model: str) -> Path:
 class Components:
     """The frozen models (on one device, in eval mode, gradients off when loaded from a folder).
 
-    ``text_encoder_2`` / ``tokenizer_2``: SDXL's second ones (``None`` otherwise);
+    ``backbone``: the denoiser, text encoders and tokenizers behind the architecture's seam;
     ``folder``: where they were loaded from (``None`` for a pipeline already in memory).
     """
 
     vae: torch.nn.Module
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    alphas_cumprod: torch.Tensor
+    backbone: Backbone
     presets: dict[str, Preset]
     folder: Path | None
+    family: Family
     card: ModelCard = field(default_factory=ModelCard)
-    family: Family = FAMILIES["sd1"]
-    text_encoder_2: torch.nn.Module | None = None
-    tokenizer_2: object | None = None
 
 
 def model_presets(
@@ -237,7 +265,7 @@ def model_presets(
 
 def family_presets(family: Family, size: int) -> dict[str, Preset]:
     """:data:`PRESETS` with ``family``'s changes and the model's native view ``size`` in every one."""
-    return {name: preset.replace(**family_changes(family, size)) for name, preset in PRESETS.items()}
+    return {name: preset.replace(**family_changes(family, size, name)) for name, preset in PRESETS.items()}
 
 
 def _json_file(path: Path) -> dict:
@@ -255,7 +283,8 @@ def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tu
     parents'), the hub cache's ``models--org--name`` and the configurations'
     ``_name_or_path`` are added.
     """
-    unet = _json_file(folder / "unet" / "config.json")
+    denoiser = "transformer" if (folder / "transformer").is_dir() else "unet"
+    unet = _json_file(folder / denoiser / "config.json")
     scheduler = _json_file(folder / "scheduler" / "scheduler_config.json")
     size = native_size(unet, _json_file(folder / "vae" / "config.json"))
     try:
@@ -263,7 +292,7 @@ def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tu
             ModelDescription(
                 unet=unet,
                 scheduler=scheduler,
-                two_text_encoders=(folder / "text_encoder_2").is_dir(),
+                two_text_encoders=denoiser == "unet" and (folder / "text_encoder_2").is_dir(),
                 names=(
                     *names,
                     folder.name,
@@ -279,13 +308,20 @@ def folder_family(folder: Path, settings: dict, names: Sequence[str] = ()) -> tu
     return family, size
 
 
-WEIGHT_PARTS = ("unet", "vae", "text_encoder")  # plus text_encoder_2 where the folder has one
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+VAE_PART = Part("diffusers", "AutoencoderKL")
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
     return f"{type(error).__name__}: {text if len(text) <= limit else text[:limit] + '…'}"
+
+
+def folder_parts(folder: Path) -> dict[str, Part]:
+    """The parts to load from ``folder``: the VAE and its backbone's, optional ones where the folder has them."""
+    backbone = BACKBONES[folder_architecture(folder) or "unet"]
+    parts = {"vae": VAE_PART, **backbone.parts}
+    return {name: part for name, part in parts.items() if part.required or (folder / name).is_dir()}
 
 
 def check_weights(folder: Path) -> None:
@@ -299,9 +335,9 @@ def check_weights(folder: Path) -> None:
     missing = _missing_parts(folder)
     if missing:
         raise ModelNotFoundError(
-            f"model folder {str(folder)!r} is not a diffusers Stable Diffusion folder: missing {missing}"
+            f"model folder {str(folder)!r} is not a diffusers folder of a model maskdiffusion reads: missing {missing}"
         )
-    for part in (*WEIGHT_PARTS, *(["text_encoder_2"] if (folder / "text_encoder_2").is_dir() else [])):
+    for part in (name for name, spec in folder_parts(folder).items() if spec.weights):
         files = sorted((folder / part).glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in (folder / part).iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -337,106 +373,108 @@ def _load_part(folder: Path, part: str, load):
     except Exception as error:
         raise ModelNotFoundError(
             f"could not load {part} from {str(folder / part)!r} ({_first_line(error)}): is the folder complete and "
-            "saved by diffusers (Stable Diffusion 1.x/2.x layout)?"
+            f"saved by diffusers ({SUPPORTED})?"
         ) from error
 
 
+def _loader(spec: Part, path: Path, dtype: torch.dtype):
+    """A function loading one part: a diffusers or transformers class, weights from safetensors only."""
+    import diffusers
+    import transformers
+
+    cls = getattr(diffusers if spec.library == "diffusers" else transformers, spec.name)
+    if not spec.weights:
+        return lambda: cls.from_pretrained(path)
+    if spec.library == "diffusers":
+        return lambda: cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    return lambda: cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
 def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype, names: Sequence[str] = ()) -> Components:
-    """Load VAE, UNet, text encoder(s), tokenizer(s) and noise schedule from a local folder.
+    """Load the VAE, the backbone's denoiser, text encoder(s) and tokenizer(s), and the noise schedule.
 
     The settings file is checked first, then the weights files (:func:`check_weights`);
     every failure names the file or part. ``names``: what the model was asked for by (a hub
     id), for recognising its family (:func:`folder_family`).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers.utils import logging as hf_logging
 
     settings = read_settings(folder)
     family, size = folder_family(folder, settings, names)
     presets, card = model_presets(folder, settings, (family, size)), model_card(folder, settings)
     check_weights(folder)
+    vae_config = _json_file(folder / "vae" / "config.json")
     # SDXL's VAE overflows in float16 (its config says force_upcast): keep it in float32, as diffusers does
-    upcast = dtype == torch.float16 and _json_file(folder / "vae" / "config.json").get("force_upcast", False)
-    vae_dtype = torch.float32 if upcast else dtype
+    upcast = dtype == torch.float16 and vae_config.get("force_upcast", False)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    loaders = {
-        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, use_safetensors=True),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(
-            folder / "text_encoder", dtype=dtype, use_safetensors=True
-        ),
-        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-    }
-    if family.text_encoders == 2:
-        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
-            folder / "text_encoder_2", dtype=dtype, use_safetensors=True
-        )
-        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     try:
-        parts = {part: _load_part(folder, part, load) for part, load in loaders.items()}
+        parts = {
+            name: _load_part(
+                folder, name, _loader(spec, folder / name, torch.float32 if upcast and name == "vae" else dtype)
+            )
+            for name, spec in folder_parts(folder).items()
+        }
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    scheduler_dir = folder / "scheduler"
-    if (scheduler_dir / "scheduler_config.json").exists():
-        schedule = _load_part(folder, "scheduler", lambda: DDPMScheduler.from_pretrained(scheduler_dir))
-    else:
-        from .tiny import SD_NOISE_SCHEDULE
-
-        schedule = DDPMScheduler(**{k: v for k, v in SD_NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
-    for part in (*WEIGHT_PARTS, "text_encoder_2"):
-        if part in parts:
-            parts[part].to(device).eval().requires_grad_(False)
-    return Components(
-        **parts,
-        alphas_cumprod=schedule.alphas_cumprod.to(torch.float32),
-        presets=presets,
-        folder=folder,
-        card=card,
-        family=family,
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(device).eval().requires_grad_(False)
+    scheduler = _json_file(folder / "scheduler" / "scheduler_config.json")
+    vae = parts.pop("vae")
+    backbone = _load_part(
+        folder, "scheduler", lambda: BACKBONES[family.architecture](parts, scheduler, _vae_factor(vae), family)
     )
+    return Components(vae=vae, backbone=backbone, presets=presets, folder=folder, family=family, card=card)
+
+
+def _vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def components_from_pipe(pipe) -> Components:
-    """The components of a diffusers Stable Diffusion / SDXL pipeline already in memory, shared, not copied.
+    """The components of a diffusers pipeline already in memory (any family), shared, not copied.
 
     Nothing of the pipeline is changed: its modules keep their device, dtype, mode and
     gradient flags (every maskdiffusion pass runs under ``torch.no_grad``), and the attention
     processors a pass installs are restored after it.
     """
-    for part in COMPONENTS:
-        if getattr(pipe, part, None) is None:
+    denoiser = next((getattr(pipe, n) for n in ("transformer", "unet") if getattr(pipe, n, None) is not None), None)
+    architecture = ARCHITECTURES.get(type(denoiser).__name__) if denoiser is not None else None
+    if architecture not in BACKBONES:
+        raise ValueError(
+            f"from_pipe takes a pipeline of {SUPPORTED} (StableDiffusionPipeline, StableDiffusionXLPipeline, "
+            f"StableDiffusion3Pipeline, FluxPipeline, PixArtSigmaPipeline); {type(pipe).__name__} has "
+            f"{'no unet or transformer' if denoiser is None else 'a ' + type(denoiser).__name__}"
+        )
+    backbone_class = BACKBONES[architecture]
+    for name, part in {"vae": VAE_PART, **backbone_class.parts}.items():
+        if part.required and getattr(pipe, name, None) is None:
             raise ValueError(
-                f"the pipeline has no {part}: from_pipe takes a Stable Diffusion 1.x/2.x or SDXL pipeline "
-                "(StableDiffusionPipeline, StableDiffusionXLPipeline, ...)"
+                f"the pipeline has no {name}: from_pipe takes a whole {type(pipe).__name__} "
+                f"(a {architecture} model needs {', '.join(n for n, p in backbone_class.parts.items() if p.required)})"
             )
-    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    name = str(getattr(pipe, "name_or_path", "") or pipe.unet.config.get("_name_or_path", ""))
+    name = str(getattr(pipe, "name_or_path", "") or denoiser.config.get("_name_or_path", ""))
+    config = {"_class_name": type(denoiser).__name__, **dict(denoiser.config)}
     family = detect(
         ModelDescription(
-            unet=dict(pipe.unet.config),
+            unet=config,
             scheduler=dict(pipe.scheduler.config),
-            two_text_encoders=text_encoder_2 is not None,
+            two_text_encoders=architecture == "unet" and getattr(pipe, "text_encoder_2", None) is not None,
             names=(name,),
         )
     )
-    schedule = getattr(pipe.scheduler, "alphas_cumprod", None)
-    if schedule is None:
-        raise ValueError(f"the pipeline's scheduler ({type(pipe.scheduler).__name__}) has no alphas_cumprod")
+    modules = {name: getattr(pipe, name, None) for name in backbone_class.parts}
+    modules["scheduler"] = pipe.scheduler
+    backbone = backbone_class(modules, dict(pipe.scheduler.config), _vae_factor(pipe.vae), family)
     return Components(
         vae=pipe.vae,
-        unet=pipe.unet,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        alphas_cumprod=schedule.detach().to("cpu", torch.float32),
-        presets=family_presets(family, native_size(dict(pipe.unet.config), dict(pipe.vae.config))),
+        backbone=backbone,
+        presets=family_presets(family, native_size(config, dict(pipe.vae.config))),
         folder=None,
         family=family,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=getattr(pipe, "tokenizer_2", None) if text_encoder_2 is not None else None,
     )
 
 

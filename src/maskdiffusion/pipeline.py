@@ -1,4 +1,8 @@
-"""The MaskDiffusion pipeline: image -> views -> latents -> one UNet pass -> mask head -> Result."""
+"""The MaskDiffusion pipeline: image -> views -> latents -> one backbone pass -> mask head -> Result.
+
+One straight line for every model: what differs between a UNet and a transformer lives behind
+the backbone (:mod:`maskdiffusion.backbones`), not here.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .capture import PassAverage, UNetCapture, UNetLayout, ensemble_passes, propagate
+from .backbones import Backbone
+from .capture import PassAverage, ensemble_passes, propagate
 from .loading import (
     DEFAULT_MODEL,
     Components,
@@ -27,7 +32,7 @@ from .precision import Precision
 from .presets import Preset, resolve_preset
 from .prompts import ClassName, PromptBatch, background_classes, parse_classes
 from .result import BACKGROUND, Result
-from .text import TextConditioning, build_prompt_batches, encode
+from .text import TextConditioning
 from .views import (
     DEFAULT_LIMITS,
     ImageInput,
@@ -68,18 +73,19 @@ class _Call:
 
     vocabulary: list[ClassName]  # the classes asked for (the preset's background words come after them)
     preset: Preset
-    weights: torch.Tensor  # (classes + background words, used tokens) class weights of the captured token maps
+    weights: torch.Tensor  # (classes + background words, used keys) class weights of the captured maps
     scale: torch.Tensor | None  # (C,) calibration divisors
     keep_features: bool
     warnings: list[str]
     preset_name: str
+    noise: list[dict]  # what each timestep means in the model's own terms
 
 
 class LatentCache:
     """Bounded LRU of VAE latents per (image pixels, view layout).
 
     Asking about an image already seen (a new class list, another preset with the same
-    views) skips the VAE encoder, the most expensive part after the UNet. Holds at most
+    views) skips the VAE encoder, the most expensive part besides the denoiser. Holds at most
     ``capacity`` images; 0 disables it.
     """
 
@@ -111,11 +117,26 @@ class LatentCache:
         return len(self._items)
 
 
-class MaskDiffusion:
-    """Open-vocabulary semantic segmentation with a frozen Stable Diffusion.
+# Component attributes a segmenter always has (``None`` where its model has no such part), named as in diffusers
+PART_NAMES = (
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 
-    The components (``vae``, ``unet``, ``text_encoder``, ``tokenizer``) are plain
-    attributes. Build with :meth:`from_pretrained`; call with an image and classes.
+
+class MaskDiffusion:
+    """Open-vocabulary semantic segmentation with a frozen text-to-image diffusion model.
+
+    The components (``vae``, ``unet`` or ``transformer``, ``text_encoder``, ``tokenizer``, and
+    the model's others: ``text_encoder_2``, ``tokenizer_3``, ...) are plain attributes, named as
+    in diffusers; ``backbone`` is the architecture's seam. Build with :meth:`from_pretrained`;
+    call with an image and classes.
     """
 
     def __init__(
@@ -132,21 +153,18 @@ class MaskDiffusion:
         precision: Precision | None = None,
     ):
         self.vae = components.vae
-        self.unet = components.unet
-        self.text_encoder = components.text_encoder
-        self.tokenizer = components.tokenizer
-        self.text_encoder_2 = components.text_encoder_2
-        self.tokenizer_2 = components.tokenizer_2
+        self.backbone: Backbone = components.backbone
+        for name in PART_NAMES:
+            setattr(self, name, getattr(self.backbone, name, None))
         self.family = components.family
-        self.alphas_cumprod = components.alphas_cumprod
         self.card = components.card
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
-        self.precision = precision or Precision(dtype=dtype, weights=self.unet.dtype, channels_last=False)
-        self.layout = UNetLayout.of(self.unet, self.vae)
-        # named presets with their "auto" layers resolved for this UNet (Result JSON and metrics record these)
-        self.presets = {name: self.layout.resolve(p) for name, p in components.presets.items()}
+        self.precision = precision or Precision(dtype=dtype, weights=self.backbone.denoiser.dtype, channels_last=False)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # named presets with their "auto" layers resolved for this model (Result JSON and metrics record these)
+        self.presets = {name: self.backbone.resolve(p) for name, p in components.presets.items()}
         self.preset = self._preset(preset)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -169,8 +187,8 @@ class MaskDiffusion:
         channels_last: bool | None = None,
         compile: bool = False,
     ) -> MaskDiffusion:
-        """Load a Stable Diffusion model of any family in :data:`~maskdiffusion.families.FAMILIES` (SD 1.x/2.x,
-        SDXL, distilled, Turbo): a hub id, a folder, ``toy`` or ``tiny-random``.
+        """Load a model of any family in :data:`~maskdiffusion.families.FAMILIES` (SD 1.x/2.x, SDXL,
+        distilled, Turbo; SD3/3.5, FLUX.1 dev/schnell, PixArt-Σ): a hub id, a folder, ``toy`` or ``tiny-random``.
 
         Arguments:
             model: hub id (looked up in the local cache first) or diffusers folder.
@@ -184,7 +202,7 @@ class MaskDiffusion:
             cache_size: images whose VAE latents are kept for re-queries (LRU; 0 = off).
             limits: pixel count and aspect ratio an input image may have (:class:`InputLimits`).
             channels_last: convolutions in NHWC; ``None`` = on for half precision.
-            compile: wrap the VAE encoder and the UNet's ResNet blocks in ``torch.compile``
+            compile: wrap the VAE encoder and the denoiser's hook-free parts in ``torch.compile``
                 (the first call of every new shape compiles; labels equal the eager ones up
                 to near-ties).
         """
@@ -193,7 +211,7 @@ class MaskDiffusion:
         folder = resolve_model_folder(model, local_files_only=local_files_only)
         precision = Precision.choose(device, dtype, channels_last=channels_last, compile=compile)
         components = load_components(folder, device=device, dtype=precision.weights, names=(model,))
-        precision.apply(components.vae, components.unet)
+        precision.apply(components.vae, components.backbone)
         return cls(
             components,
             model_id=model,
@@ -216,7 +234,7 @@ class MaskDiffusion:
         cache_size: int = 32,
         limits: InputLimits = DEFAULT_LIMITS,
     ) -> MaskDiffusion:
-        """Wrap a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline already in memory.
+        """Wrap a diffusers pipeline already in memory (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1, PixArt-Σ).
 
         Its modules are shared, not copied, and left as they are: their device, dtype, mode
         and gradient flags are kept, every pass runs under ``torch.no_grad``, and the
@@ -224,7 +242,8 @@ class MaskDiffusion:
         The family (and so the presets) is recognised from the pipeline's configurations.
 
         Arguments:
-            pipe: e.g. a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+            pipe: e.g. a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+                ``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``PixArtSigmaPipeline``.
             preset, batch_size, cache_size, limits: as in :meth:`from_pretrained`.
         """
         components = components_from_pipe(pipe)
@@ -232,8 +251,8 @@ class MaskDiffusion:
         return cls(
             components,
             model_id=model_id,
-            device=pipe.unet.device,
-            dtype=pipe.unet.dtype,
+            device=components.backbone.denoiser.device,
+            dtype=components.backbone.denoiser.dtype,
             preset=preset,
             batch_size=batch_size,
             cache_size=cache_size,
@@ -245,19 +264,15 @@ class MaskDiffusion:
     def _preset(self, preset: str | Preset | None, base: Preset | None = None) -> Preset:
         fallback = base or self.presets["default"]
         chosen = self.presets[preset] if isinstance(preset, str) and preset in self.presets else preset
-        chosen = self.layout.resolve(resolve_preset(chosen, fallback))
+        chosen = self.backbone.resolve(resolve_preset(chosen, fallback))
         chosen.check()
-        if chosen.size % self.layout.block:
+        block = self.backbone.block
+        if chosen.size % block:
             raise ValueError(
-                f"size {chosen.size} is not a multiple of {self.layout.block}, the block size of this model; "
-                f"use e.g. {max(self.layout.block, round(chosen.size / self.layout.block) * self.layout.block)}"
+                f"size {chosen.size} is not a multiple of {block}, the block size of this model; "
+                f"use e.g. {max(block, round(chosen.size / block) * block)}"
             )
-        steps = len(self.alphas_cumprod)
-        late = [t for t in (chosen.timestep, *chosen.ensemble_timesteps) if t >= steps]
-        if late:
-            raise ValueError(f"timestep(s) {late} past this model's noise schedule: use 0 to {steps - 1}")
-        self.layout.select(chosen.attention_factors)
-        self.layout.select_self(chosen.self_attention_factors)
+        self.backbone.check(chosen)
         return chosen
 
     def preset_name(self, preset: Preset) -> tuple[str, dict]:
@@ -303,18 +318,22 @@ class MaskDiffusion:
 
     @property
     def tokenizers(self) -> list[object]:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return self.backbone.tokenizers
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return self.backbone.text_encoders
+
+    def build_prompts(self, vocabulary: Sequence[ClassName], separator: str = " and ") -> list[PromptBatch]:
+        """One :class:`~maskdiffusion.prompts.PromptBatch` per tokenizer of this model, with exact class spans."""
+        return self.backbone.prompts(vocabulary, separator)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: PromptBatch | Sequence[PromptBatch]) -> TextConditioning:
         """The prompts' :class:`~maskdiffusion.text.TextConditioning` (one batch per tokenizer)."""
         batches = [prompts] if isinstance(prompts, PromptBatch) else list(prompts)
         with self._autocast():
-            return encode(self.text_encoders, batches, self.device)
+            return self.backbone.encode(batches, self.device)
 
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
@@ -325,20 +344,16 @@ class MaskDiffusion:
         config = self.vae.config
         return (posterior - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
 
-    def add_noise(self, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
-        """Latents at ``timestep``: the same noise, seeded by ``seed``, for every view."""
-        if not timestep:
-            return latents
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((1, *latents.shape[1:]), generator=generator).to(latents)
-        alpha = self.alphas_cumprod[timestep].to(latents)
-        return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+    def noise_levels(self, preset: Preset, view: tuple[int, int] | None = None) -> list[dict]:
+        """What each timestep of ``preset`` means in this model's own terms at views of ``view`` pixels (records)."""
+        view = view or (preset.size, preset.size)
+        return [self.backbone.noise_level(t, view) for t in (preset.timestep, *preset.ensemble_timesteps)]
 
     @torch.no_grad()
     def capture(
         self, latents: torch.Tensor, text: TextConditioning, preset: Preset
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every UNet pass the preset asks for over clean latents, averaged, attention propagated.
+        """Every pass the preset asks for over clean latents, averaged, attention propagated.
 
         One pass per (timestep, noise seed) of :func:`~maskdiffusion.capture.ensemble_passes`
         (one, unless ``ensemble_timesteps`` or ``noise_samples`` ask for more); each pass
@@ -351,12 +366,16 @@ class MaskDiffusion:
             latents: ``(V, c, h, w)`` clean latents; text: the ``P`` prompts' conditioning.
 
         Returns:
-            ``(V, P, T, ha, wa)`` float32 attention log-maps (mean over heads and layers)
-            and ``(V, D, hf, wf)`` float32 features (mean over the prompts' passes).
+            ``(V, P, K, ha, wa)`` float32 attention log-maps (mean over heads and layers, over the
+            keys of :meth:`~maskdiffusion.backbones.Backbone.class_weights`) and ``(V, D, hf, wf)``
+            float32 features (mean over the prompts' passes).
         """
         average = PassAverage()
         for timestep, seed, weight in ensemble_passes(preset):
-            average.add(*self._pass(self.add_noise(latents, timestep, seed), timestep, text, preset), weight=weight)
+            noised = self.backbone.noise(latents, timestep, seed)
+            with self._autocast():
+                signals = self.backbone.run(noised, timestep, text, preset, self.precision)
+            average.add(signals.attention, signals.features, signals.self_attention, weight=weight)
         attention, features, self_attention = average.mean()
         if self_attention is not None:
             finest = min(preset.self_attention_factors)
@@ -367,42 +386,7 @@ class MaskDiffusion:
 
     def _view_pixels(self, latents: torch.Tensor) -> tuple[int, int]:
         """``(height, width)`` in pixels of the views whose latents are ``latents``."""
-        return latents.shape[-2] * self.layout.vae_factor, latents.shape[-1] * self.layout.vae_factor
-
-    def _pass(
-        self, latents: torch.Tensor, timestep: int, text: TextConditioning, preset: Preset
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One UNet pass at ``timestep``: :meth:`capture`'s attention and features, and ``(V, N, N)`` self-attention.
-
-        With several prompts (``batch``), features and self-attention are the mean over the
-        prompts' passes of a view.
-        """
-        views, prompts = latents.shape[0], len(text)
-        shared = preset.long_vocabulary == "shared-queries" and prompts > 1
-        passes = 1 if shared else prompts
-        batch_latents = self.precision.layout(latents.repeat_interleave(passes, dim=0).to(self.unet.dtype))
-        batch_text = text.batch(passes, views, self.unet.dtype)
-        capture = UNetCapture(self.unet, self.vae, preset)
-        with self._autocast():
-            store, _ = capture.run(
-                batch_latents,
-                timestep,
-                batch_text.hidden,
-                keep_queries=shared,
-                added_conditions=batch_text.added_conditions(self._view_pixels(latents)),
-            )
-            attention = store.layer_mean()
-            if shared:
-                attention = torch.stack(
-                    [attention, *(store.attend(text.hidden[p : p + 1]).layer_mean() for p in range(1, prompts))], 1
-                )
-        attention = attention.reshape(views, prompts, *attention.shape[-3:])
-        features = torch.cat([store.features[b] for b in preset.feature_blocks], dim=1)
-        features = features.view(views, passes, *features.shape[1:]).mean(dim=1)
-        self_attention = store.self_attention_mean()
-        if self_attention is not None:
-            self_attention = self_attention.view(views, passes, *self_attention.shape[1:]).mean(dim=1)
-        return attention, features, self_attention
+        return latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor
 
     def _finish(self, item: _Pending, call: _Call) -> Result:
         """Stitch an image's views and run the mask head: the image's :class:`Result`."""
@@ -439,6 +423,9 @@ class MaskDiffusion:
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "batch_size": self.batch_size,
+                "family": self.family.name,
+                "backbone": self.backbone.kind,
+                "noise": call.noise,
             },
             features=features if call.keep_features else None,
         )
@@ -454,7 +441,7 @@ class MaskDiffusion:
         keep_features: bool = False,
         cancel: Callable[[], bool] | None = None,
     ) -> list[Result | ImageLoadError]:
-        """Segment several images with one class list; their views share UNet batches.
+        """Segment several images with one class list; their views share the backbone's batches.
 
         Arguments:
             images: paths, PIL images or ``(H, W[, 3|4])`` arrays.
@@ -476,10 +463,9 @@ class MaskDiffusion:
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         vocabulary, preset = self.check_inputs(classes, preset)
         prompted = [*vocabulary, *background_classes(vocabulary, preset.background_words)]
-        batches = build_prompt_batches(self.tokenizers, prompted, preset.separator)
-        prompts = batches[0]
+        batches = self.build_prompts(prompted, preset.separator)
         mass = preset.attention_normalization != "max"  # probabilities: a word's tokens' mass, not their mean
-        weights = prompts.token_weights("sum" if mass else "mean").flatten(1)  # (C, P*T)
+        weights = self.backbone.class_weights(batches, preset, "sum" if mass else "mean").flatten(1)  # (C, P*K)
         used = weights.sum(dim=0) > 0
         call = _Call(
             vocabulary=vocabulary,
@@ -491,12 +477,13 @@ class MaskDiffusion:
             keep_features=keep_features,
             warnings=self.warnings(vocabulary),
             preset_name=self.preset_name(preset)[0],
+            noise=self.noise_levels(preset),
         )
         text = self.encode_prompts(batches)
-        unit = max(self.layout.block, preset.attention_factor, preset.feature_factor)
+        unit = max(self.backbone.block, preset.attention_factor, preset.feature_factor)
 
         results: list[Result | ImageLoadError | None] = [None] * len(images)
-        queue: list[tuple[_Pending, int]] = []  # (image, view index) not yet through the UNet
+        queue: list[tuple[_Pending, int]] = []  # (image, view index) not yet through the backbone
         pending: list[_Pending] = []
         for index, image in enumerate(images):
             source = str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None

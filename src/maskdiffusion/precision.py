@@ -71,7 +71,8 @@ class Precision:
             (weights stay float32 and the passes run under float16 autocast).
         channels_last: convolution weights and inputs in NHWC (pays with oneDNN bf16 on a CPU
             and with half precision on a GPU).
-        compile: the VAE encoder and the UNet's ResNet blocks wrapped by ``torch.compile``.
+        compile: the VAE encoder and the denoiser's hook-free parts (a UNet's ResNet blocks, a
+            transformer's feed-forward layers) wrapped by ``torch.compile``.
     """
 
     dtype: torch.dtype
@@ -95,16 +96,15 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.dtype)
 
-    def apply(self, vae: torch.nn.Module, unet: torch.nn.Module) -> None:
-        """Convert modules this segmenter owns (never a pipeline's: see ``MaskDiffusion.from_pipe``)."""
+    def apply(self, vae: torch.nn.Module, backbone) -> None:
+        """Convert modules this segmenter owns (never a pipeline's: see ``MaskDiffusion.from_pipe``):
+        the VAE and the ``backbone``'s denoiser (a :class:`~maskdiffusion.backbones.Backbone`)."""
         if self.channels_last:
             vae.to(memory_format=torch.channels_last)
-            unet.to(memory_format=torch.channels_last)
+            backbone.denoiser.to(memory_format=torch.channels_last)
         if self.compile:
             vae.encoder = torch.compile(vae.encoder)
-            for block in (*unet.down_blocks, *unet.up_blocks):
-                for index, resnet in enumerate(block.resnets):
-                    block.resnets[index] = torch.compile(resnet)
+            backbone.compile(torch.compile)
 
     def layout(self, tensor: torch.Tensor) -> torch.Tensor:
         """An image-like input in the memory format the convolutions expect."""

@@ -1,9 +1,11 @@
 """Segmentation settings as frozen dataclasses, with named presets.
 
 Layers are chosen by structure, never by absolute size, so every view size keeps the
-same layers: cross-attention layers by their down-sampling factor relative to the view
-(at a 512-pixel view, factor 32 is the 16x16 layers and 64 the 8x8 mid block), decoder
-features by up-block index (diffusers' ``unet.up_blocks[i]``, 0 = deepest).
+same layers. In a UNet: cross-attention layers by their down-sampling factor relative to
+the view (at a 512-pixel view, factor 32 is the 16x16 layers and 64 the 8x8 mid block),
+decoder features by up-block index (diffusers' ``unet.up_blocks[i]``, 0 = deepest). In a
+transformer every block works on one token grid: attention and features are chosen by block
+index in forward order (:mod:`maskdiffusion.backbones` says what each model has).
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ PrototypeCells = Literal["all", "confident"]
 Scoring = Literal["cosine", "dot", "poe", "attention"]
 Refinement = Literal["hard", "em"]
 LongVocabulary = Literal["batch", "shared-queries"]
+ClassMaps = Literal["attention", "concept"]
 Auto = Literal["auto"]
-AUTO = "auto"  # layer fields chosen from the UNet's own layout (MaskDiffusion resolves them)
+AUTO = "auto"  # layer fields chosen from the model's own layout (MaskDiffusion resolves them)
 
 MAX_SIZE = 2048  # view short side: past Stable Diffusion's training sizes (512-1024), and memory grows as its square
 SIZE_STEP = 8  # model blocks are multiples of it (64 for SD, 16 for the toy model); the pipeline checks the model's own
 NUM_TIMESTEPS = 1000  # Stable Diffusion's training schedule; the pipeline also checks the model's own
 MAX_REFINE_STEPS = 100  # refinement converges in a few rounds; past this it only costs time
 MAX_SEPARATOR_CHARS = 100
-MAX_LAYERS = 16  # entries of attention_factors / feature_blocks
-MAX_UP_BLOCK = 15
+MAX_LAYERS = 16  # entries of attention_factors / attention_blocks / feature_blocks
+MAX_BLOCK = 127  # block indices: past FLUX's 57 and SD3.5-large's 38 transformer blocks
 COSINE_RANGE = (-1.0, 1.0)  # scores with normalised prototypes
 POSTERIOR_RANGE = (0.0, 1.0)  # EM scores are class probabilities
 MAX_PASSES = 16  # UNet passes per view of an ensemble: (1 + extra timesteps) x noise samples
@@ -66,12 +69,25 @@ class Preset:
             log-mean-exp (like heads and layers), their features as a mean.
         separator: text between class names in a prompt.
         attention_mode: ``"exp"`` = exp(QK^T * scale), the reference's un-normalised
-            scores; ``"softmax"`` = attention probabilities over the prompt's tokens.
+            scores; ``"softmax"`` = attention probabilities over the prompt's tokens (in a
+            joint-attention transformer: renormalised over the text keys, see
+            :mod:`maskdiffusion.backbones.mmdit`).
+        class_maps: where class maps come from. ``"attention"``: the attention weights of
+            image queries on each class's text tokens (every model). ``"concept"``: only in
+            joint-attention transformers (SD3, FLUX), ConceptAttention's idea: each class is
+            an extra stream of tokens that attends to itself and the image (nothing attends
+            to it, so the model's pass is unchanged) and the map is the softmax over classes
+            of <class output, image output>; needs ``attention_mode="softmax"``.
         attention_factors: down-sampling factors (view size / layer size) of the
             cross-attention layers whose maps are averaged, or ``"auto"``: chosen from
             the UNet (:data:`AUTO`, the reference's intent: every cross-attention level
             at factor >= 32, i.e. at most 16x16 queries at a 512 view; the coarsest level
-            if the UNet has none that coarse).
+            if the UNet has none that coarse). A transformer has one level, its token grid
+            (factor 16 in SD3, FLUX and PixArt): ``"auto"`` is that.
+        attention_blocks: transformer blocks (index in forward order) whose attention
+            gives the class maps, or ``"auto"``: the model's choice
+            (:mod:`maskdiffusion.backbones` documents each). A UNet takes every
+            cross-attention layer at ``attention_factors``: ``"auto"`` only.
         attention_factor: factor of the common grid the maps are resized to
             (16 = 32x32 at a 512 view).
         self_attention_factors: factors of the self-attention layers whose
@@ -86,7 +102,8 @@ class Preset:
             then concatenated), or ``"auto"``: the decoder's semantic levels by role, the
             first up blocks whose outputs lie at twice and at once the VAE's factor (1/16
             and 1/8 of the view in Stable Diffusion: ``up_blocks[1]`` and ``[2]`` in SD 1.x,
-            ``[0]`` and ``[1]`` in SDXL).
+            ``[0]`` and ``[1]`` in SDXL). In a transformer: blocks (index in forward order)
+            whose image tokens' output hidden states are the features.
         feature_factor: factor of the grid where features, prototypes and scores live.
         attention_normalization: how class maps are made comparable (see
             :mod:`maskdiffusion.mask_head`): ``"max"`` divides each by its maximum (the
@@ -139,7 +156,9 @@ class Preset:
     noise_samples: int = 1
     separator: str = " and "
     attention_mode: AttentionMode = "exp"
+    class_maps: ClassMaps = "attention"
     attention_factors: tuple[int, ...] | Auto = (32, 64)
+    attention_blocks: tuple[int, ...] | Auto = AUTO
     attention_factor: int = 16
     self_attention_factors: tuple[int, ...] = ()
     propagation_steps: int = 1
@@ -162,7 +181,13 @@ class Preset:
 
     def __post_init__(self) -> None:
         """Normalise JSON-like values (lists -> tuples, numpy scalars -> Python) and :meth:`check` them."""
-        for name in ("attention_factors", "feature_blocks", "self_attention_factors", "ensemble_timesteps"):
+        for name in (
+            "attention_factors",
+            "attention_blocks",
+            "feature_blocks",
+            "self_attention_factors",
+            "ensemble_timesteps",
+        ):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(_as_int(v) for v in value))
@@ -214,14 +239,21 @@ class Preset:
         if not isinstance(self.separator, str) or len(self.separator) > MAX_SEPARATOR_CHARS:
             _refuse("separator", self.separator, f"text of at most {MAX_SEPARATOR_CHARS} characters")
         _choice("attention_mode", self.attention_mode, AttentionMode)
+        _choice("class_maps", self.class_maps, ClassMaps)
+        if self.class_maps == "concept" and self.attention_mode != "softmax":
+            _refuse(
+                "class_maps",
+                self.class_maps,
+                "'attention' with attention_mode 'exp' (concept maps are probabilities over the classes; use "
+                "attention_mode 'softmax')",
+            )
         _factors(
             self, "attention_factors", 1, size, f"down-sampling factors from 1 to size ({size}), or 'auto'", auto=True
         )
+        _factors(self, "attention_blocks", 0, MAX_BLOCK, f"block indices from 0 to {MAX_BLOCK}, or 'auto'", auto=True)
         _whole(self, "attention_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
         self._check_self_attention(size)
-        _factors(
-            self, "feature_blocks", 0, MAX_UP_BLOCK, f"up-block indices from 0 to {MAX_UP_BLOCK}, or 'auto'", auto=True
-        )
+        _factors(self, "feature_blocks", 0, MAX_BLOCK, f"block indices from 0 to {MAX_BLOCK}, or 'auto'", auto=True)
         _whole(self, "feature_factor", 1, size, f"a down-sampling factor from 1 to size ({size})")
         _choice("attention_normalization", self.attention_normalization, AttentionNormalization)
         if self.attention_normalization != "max" and self.attention_mode != "softmax":

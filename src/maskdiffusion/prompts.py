@@ -297,55 +297,111 @@ def _tokenised(tokenizer, text: str, what: str, specials: Sequence[str]) -> tupl
     return text, list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
-def build_prompts(tokenizer, classes: Sequence[ClassName], separator: str = " and ") -> PromptBatch:
-    """Pack class words into as few prompts as the context allows.
+def build_prompts(
+    tokenizer, classes: Sequence[ClassName], separator: str = " and ", length: int | None = None
+) -> PromptBatch:
+    """Pack class words into as few prompts as the context allows (one tokenizer; see :func:`pack_prompts`)."""
+    return pack_prompts([tokenizer], classes, separator, [length])[0]
 
-    Each prompt is ``BOS w1 sep w2 sep ... EOS pad...``; a class's synonyms stay in one
-    prompt. Words and separator are tokenised as :func:`clip_text` prepares them;
-    ``texts`` holds that prepared text. Raises :class:`VocabularyError` if one class
-    alone does not fit, or a word spells out a special token.
+
+def pack_prompts(
+    tokenizers: Sequence[object],
+    classes: Sequence[ClassName],
+    separator: str = " and ",
+    lengths: Sequence[int | None] | None = None,
+) -> list[PromptBatch]:
+    """Pack class words into as few prompts as every tokenizer's context allows, the same classes in
+    the same prompts for all of them: one :class:`PromptBatch` per tokenizer.
+
+    Each prompt is ``[BOS] w1 sep w2 sep ... EOS pad...`` in each tokenizer's own ids (CLIP has a
+    BOS, T5 none); a class's synonyms stay in one prompt. ``lengths``: ids per prompt for each
+    tokenizer (``None``: its ``model_max_length``, e.g. CLIP's 77; T5 models read a
+    ``max_sequence_length`` of their pipeline's). Words and separator are tokenised as
+    :func:`clip_text` prepares them, each on its own, and a prompt's ids are their
+    concatenation, so every class knows its exact span; ``texts`` holds the prepared text.
+    Raises :class:`VocabularyError` if one class alone does not fit, or a word spells out a
+    special token.
     """
-    context = min(int(tokenizer.model_max_length), 10_000)
-    capacity = context - 2
-    specials = _special_literals(tokenizer)
-    _, sep_ids = _tokenised(tokenizer, separator, f"the separator {shorten(separator)}", specials)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-
-    prompts: list[list[int]] = [[]]
+    lengths = list(lengths) if lengths is not None else [None] * len(tokenizers)
+    shapes = [
+        _PromptShape.of(tokenizer, length, separator) for tokenizer, length in zip(tokenizers, lengths, strict=True)
+    ]
+    bodies: list[list[list[int]]] = [[[]] for _ in tokenizers]  # tokenizer -> prompt -> ids between BOS and EOS
     words_of_prompt: list[list[str]] = [[]]
-    spans: list[tuple[TokenSpan, ...]] = []
+    spans: list[list[tuple[TokenSpan, ...]]] = [[] for _ in tokenizers]
     for cls in classes:
         name = shorten(cls.name)
-        words, pieces = zip(
-            *(_tokenised(tokenizer, word, f"class {name}", specials) for word in cls.synonyms), strict=True
-        )
-        if any(not piece for piece in pieces):
-            raise VocabularyError(f"class {name} has a word that the tokenizer turns into no tokens")
-        need = sum(len(p) for p in pieces) + len(sep_ids) * (len(pieces) - 1)
-        if need > capacity:
-            raise VocabularyError(
-                f"class {name} needs {need} tokens but a prompt holds {capacity}: shorten it "
-                "or drop some of its synonyms"
+        pieces_of = []  # per tokenizer: (prepared words, their ids)
+        for shape in shapes:
+            words, pieces = zip(
+                *(_tokenised(shape.tokenizer, word, f"class {name}", shape.specials) for word in cls.synonyms),
+                strict=True,
             )
-        current = prompts[-1]
-        if current and len(current) + len(sep_ids) + need > capacity:
-            prompts.append([])
+            if any(not piece for piece in pieces):
+                raise VocabularyError(f"class {name} has a word that the tokenizer turns into no tokens")
+            need = sum(len(p) for p in pieces) + len(shape.separator) * (len(pieces) - 1)
+            if need > shape.capacity:
+                raise VocabularyError(
+                    f"class {name} needs {need} tokens but a prompt holds {shape.capacity}: shorten it "
+                    "or drop some of its synonyms"
+                )
+            pieces_of.append((words, pieces, need))
+        fits = all(
+            not body[-1] or len(body[-1]) + len(shape.separator) + need <= shape.capacity
+            for body, shape, (_, _, need) in zip(bodies, shapes, pieces_of, strict=True)
+        )
+        if not fits:
+            for body in bodies:
+                body.append([])
             words_of_prompt.append([])
-            current = prompts[-1]
-        class_spans = []
-        for piece, word in zip(pieces, words, strict=True):
-            if current:
-                current.extend(sep_ids)
-            start = 1 + len(current)  # +1 for BOS
-            current.extend(piece)
-            class_spans.append(TokenSpan(len(prompts) - 1, start, start + len(piece)))
-            words_of_prompt[-1].append(word)
-        spans.append(tuple(class_spans))
-
-    ids = torch.full((len(prompts), context), pad, dtype=torch.long)
-    for row, body in enumerate(prompts):
-        tokens = [bos, *body, eos]
-        ids[row, : len(tokens)] = torch.tensor(tokens)
+        for body, shape, (_words, pieces, _), class_spans in zip(bodies, shapes, pieces_of, spans, strict=True):
+            current, found = body[-1], []
+            for piece in pieces:
+                if current:
+                    current.extend(shape.separator)
+                start = len(shape.prefix) + len(current)
+                current.extend(piece)
+                found.append(TokenSpan(len(body) - 1, start, start + len(piece)))
+            class_spans.append(tuple(found))
+        words_of_prompt[-1].extend(pieces_of[0][0])
     texts = tuple(separator.join(words) for words in words_of_prompt)
-    return PromptBatch(input_ids=ids, spans=tuple(spans), texts=texts)
+    return [
+        PromptBatch(input_ids=shape.ids(body), spans=tuple(class_spans), texts=texts)
+        for shape, body, class_spans in zip(shapes, bodies, spans, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class _PromptShape:
+    """How one tokenizer frames a prompt: its special tokens, separator ids and room for words."""
+
+    tokenizer: object
+    length: int
+    prefix: tuple[int, ...]  # (BOS,) for CLIP, () for T5
+    eos: int
+    pad: int
+    separator: tuple[int, ...]
+    specials: tuple[str, ...]
+
+    @classmethod
+    def of(cls, tokenizer, length: int | None, separator: str) -> _PromptShape:
+        length = min(int(length or tokenizer.model_max_length), 10_000)
+        specials = tuple(_special_literals(tokenizer))
+        _, sep_ids = _tokenised(tokenizer, separator, f"the separator {shorten(separator)}", specials)
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        prefix = () if bos is None else (bos,)
+        return cls(tokenizer, length, prefix, eos, pad, tuple(sep_ids), specials)
+
+    @property
+    def capacity(self) -> int:
+        """Word and separator tokens a prompt holds (the context less BOS and EOS)."""
+        return self.length - len(self.prefix) - 1
+
+    def ids(self, bodies: list[list[int]]) -> torch.Tensor:
+        """``(P, length)`` int64 prompts: ``[BOS] body EOS pad...``."""
+        ids = torch.full((len(bodies), self.length), self.pad, dtype=torch.long)
+        for row, body in enumerate(bodies):
+            tokens = [*self.prefix, *body, self.eos]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids

@@ -1,10 +1,13 @@
-"""Text conditioning: the prompts' token ids -> what the UNet reads, for one CLIP text encoder or SDXL's two.
+"""Text conditioning: the prompts' token ids -> what a denoiser reads, for every text encoder kind.
 
-Stable Diffusion 1.x/2.x read the last hidden state of one CLIP text encoder. SDXL reads the
-penultimate hidden states of two (CLIP ViT-L and OpenCLIP bigG) concatenated, and takes the
-second one's pooled, projected embedding plus the image's size and crop as added conditions.
-Both tokenizers are CLIP's BPE but pad differently (``<|endoftext|>`` and ``!``), so each gets
-its own ids; the class token spans must be the same in both, or the maps would mix words.
+Stable Diffusion 1.x/2.x read the last hidden state of one CLIP text encoder. SDXL and SD3 read
+the penultimate hidden states of two (CLIP ViT-L and OpenCLIP bigG) concatenated, with pooled,
+projected embeddings; SD3, FLUX and PixArt-Σ also (FLUX and PixArt only) read a T5 encoder's
+last hidden state. Tokenizers of one model may pad differently (``<|endoftext|>`` and ``!``) and
+T5's have no BOS, so each gets its own ids; tokenizers whose ids sit at the same key positions
+(SDXL's and SD3's two CLIPs, concatenated along the width) must give every class the same
+span, or the maps would mix words. Which encoder reads which tokenizer is the backbone's
+business (:mod:`maskdiffusion.backbones`); the pieces here are shared.
 """
 
 from __future__ import annotations
@@ -14,59 +17,82 @@ from dataclasses import dataclass
 
 import torch
 
-from .prompts import ClassName, PromptBatch, VocabularyError, build_prompts
+from .prompts import ClassName, PromptBatch, VocabularyError, pack_prompts
 
 
 @dataclass(frozen=True)
 class TextConditioning:
     """The encoded prompts.
 
-    ``hidden``: ``(P, T, E)`` what cross-attention reads; ``pooled``: ``(P, E2)`` SDXL's pooled
-    text embedding (``None`` for one-encoder models). Slicing selects prompts.
+    ``hidden``: ``(P, T, E)`` the text sequence the denoiser attends to; ``pooled``: ``(P, E2)``
+    a pooled text embedding (SDXL, SD3, FLUX; ``None`` otherwise); ``mask``: ``(P, T)`` 1 for
+    the prompt's tokens, 0 for padding (PixArt masks its T5 padding; ``None``: no mask);
+    ``words``: ``(C, P, T)`` each class's share of each text position (the mean over its
+    tokens and synonyms), for backbones that take the classes' own tokens out of the prompt
+    (concept streams; ``None`` where unused). Slicing selects prompts.
     """
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    words: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def __getitem__(self, prompts: slice) -> TextConditioning:
-        return TextConditioning(self.hidden[prompts], None if self.pooled is None else self.pooled[prompts])
+        return TextConditioning(
+            self.hidden[prompts],
+            None if self.pooled is None else self.pooled[prompts],
+            None if self.mask is None else self.mask[prompts],
+            None if self.words is None else self.words[:, prompts],
+        )
 
     def batch(self, prompts: int, views: int, dtype: torch.dtype) -> TextConditioning:
-        """The first ``prompts`` prompts, repeated for ``views`` views (view-major), in ``dtype``."""
+        """The first ``prompts`` prompts, repeated for ``views`` views (view-major), in ``dtype`` (not the mask)."""
         pooled = None if self.pooled is None else self.pooled[:prompts].repeat(views, 1).to(dtype)
-        return TextConditioning(self.hidden[:prompts].repeat(views, 1, 1).to(dtype), pooled)
-
-    def added_conditions(self, view: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-        """SDXL's added UNet inputs for views of ``view = (height, width)`` pixels, uncropped (else ``None``)."""
-        if self.pooled is None:
-            return None
-        height, width = view
-        size = torch.tensor([height, width, 0, 0, height, width], dtype=self.pooled.dtype, device=self.pooled.device)
-        return {"text_embeds": self.pooled, "time_ids": size.expand(self.pooled.shape[0], -1)}
+        mask = None if self.mask is None else self.mask[:prompts].repeat(views, 1)
+        return TextConditioning(self.hidden[:prompts].repeat(views, 1, 1).to(dtype), pooled, mask)
 
 
 def build_prompt_batches(
-    tokenizers: Sequence[object], vocabulary: Sequence[ClassName], separator: str
+    tokenizers: Sequence[object],
+    vocabulary: Sequence[ClassName],
+    separator: str,
+    *,
+    lengths: Sequence[int | None] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> list[PromptBatch]:
-    """One :class:`PromptBatch` per tokenizer; raise :class:`VocabularyError` if their class spans differ."""
-    batches = [build_prompts(tokenizer, vocabulary, separator) for tokenizer in tokenizers]
-    for other in batches[1:]:
-        if other.spans != batches[0].spans:
-            differing = next(
-                cls.name for cls, a, b in zip(vocabulary, batches[0].spans, other.spans, strict=True) if a != b
-            )
+    """One :class:`PromptBatch` per tokenizer, the same classes in the same prompts (:func:`pack_prompts`).
+
+    ``lengths``: ids per prompt of each tokenizer (``None``: its own context); ``groups``:
+    tokenizers with the same group number read the same key positions, so their class spans
+    must agree (default: all of them, as SDXL's two CLIPs); :class:`VocabularyError` if not.
+    """
+    batches = pack_prompts(tokenizers, vocabulary, separator, lengths)
+    groups = list(groups) if groups is not None else [0] * len(batches)
+    for index, other in enumerate(batches):
+        first = batches[groups.index(groups[index])]
+        if other.spans != first.spans:
+            differing = next(cls.name for cls, a, b in zip(vocabulary, first.spans, other.spans, strict=True) if a != b)
             raise VocabularyError(
-                f"class {differing!r} is tokenised differently by this model's two tokenizers, so its attention "
+                f"class {differing!r} is tokenised differently by this model's tokenizers, so its attention "
                 "cannot be read exactly: spell it with other words"
             )
     return batches
 
 
-def encode(text_encoders: Sequence[torch.nn.Module], batches: Sequence[PromptBatch], device) -> TextConditioning:
-    """Run the text encoder(s) on their prompt batches (``len(text_encoders) == len(batches)``)."""
+def clip_hidden_and_pooled(encoder: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, 77, E)`` penultimate hidden states and ``(P, E2)`` pooled embedding of a CLIP text encoder
+    (the projected ``text_embeds`` of one with a projection, else the pooler output), as SDXL and SD3 read them."""
+    output = encoder(ids, output_hidden_states=True)
+    pooled = getattr(output, "text_embeds", None)
+    return output.hidden_states[-2], output.pooler_output if pooled is None else pooled
+
+
+def encode_clip(text_encoders: Sequence[torch.nn.Module], batches: Sequence[PromptBatch], device) -> TextConditioning:
+    """SD 1.x/2.x (one encoder: its last hidden state) or SDXL (two: penultimate states concatenated,
+    the second's pooled embedding); ``len(text_encoders) == len(batches)``."""
     if len(text_encoders) == 1:
         return TextConditioning(text_encoders[0](batches[0].input_ids.to(device))[0])
     states, pooled = [], None
@@ -77,3 +103,16 @@ def encode(text_encoders: Sequence[torch.nn.Module], batches: Sequence[PromptBat
     if pooled is None:
         raise ValueError("the second text encoder gives no pooled embedding (an SDXL model needs a projection)")
     return TextConditioning(torch.cat(states, dim=-1), pooled)
+
+
+def t5_hidden(encoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(P, T, E)`` last hidden state of a T5 encoder (``mask``: attend to the prompt only, as PixArt does)."""
+    return encoder(ids, attention_mask=mask)[0]
+
+
+def padding_mask(batch: PromptBatch, tokenizer) -> torch.Tensor:
+    """``(P, T)`` int64: 1 up to and including each prompt's EOS, 0 on the padding after it."""
+    ids = batch.input_ids
+    positions = torch.arange(ids.shape[1])
+    ends = (ids == tokenizer.eos_token_id).int().argmax(dim=1)
+    return (positions[None, :] <= ends[:, None]).long()

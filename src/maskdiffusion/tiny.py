@@ -25,6 +25,25 @@ Families (:data:`TINY_FAMILIES`):
   ``model_index.json`` carries (the converter's local folder). A download also sits in the
   hub cache under ``models--stabilityai--sd-turbo``: the hub id, not the folder, is what
   names it most reliably.
+
+Transformer (DiT) families (:data:`TRANSFORMER_FAMILIES`, kept apart from the UNet ones above,
+which are what maskdiffusion's segmenter reads), each with a T5 text encoder of width 64 and the
+locally trained T5-style tokenizer (:mod:`maskdiffusion.t5_tokenizer`; T5's own vocabulary
+cannot be downloaded here):
+
+- ``sd3``: SD3 (``StableDiffusion3Pipeline``): an MMDiT (patch 2, 16 latent channels, four
+  joint blocks, the last one ``context_pre_only``), CLIP-L-like and CLIP-G-like encoders with
+  projections plus T5, the 16-channel VAE (shift and scaling factors, no quant convs) and the
+  shift-3 flow-matching Euler schedule; native 128 px, position embeddings for up to 768 px;
+- ``sd3.5``: SD3.5 (medium): SD3 with RMS-normed queries and keys and dual attention
+  (a second self-attention) in the first blocks;
+- ``flux-dev`` / ``flux-schnell``: FLUX.1 (``FluxPipeline``): double- then single-stream
+  blocks over 2x2-packed latents (64 channels), rotary axes, CLIP-L (pooled) plus T5, FLUX's
+  16-channel VAE (``sample_size`` 128 says the native size; the transformer has none); dev
+  embeds the guidance scale and shifts its schedule by the image size, schnell does neither;
+- ``pixart-sigma``: PixArt-Σ (``PixArtSigmaPipeline``): a DiT with adaLN-single, cross-attention
+  to T5 (with its attention mask), learned variance (8 output channels), SDXL's VAE and
+  DPM-Solver++ with linear betas; native 128 px.
 """
 
 from __future__ import annotations
@@ -55,6 +74,36 @@ SD2_V_SCHEDULE = {**SD_NOISE_SCHEDULE, "prediction_type": "v_prediction", "times
 SDXL_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "timestep_spacing": "leading"}  # EulerDiscreteScheduler
 TURBO_SCHEDULE = {**SCALED_LINEAR_SCHEDULE, "timestep_spacing": "trailing"}  # sd-turbo, sdxl-turbo
 SD2_PAD_TOKEN = "!"  # OpenCLIP's tokenizer (SD 2.x, SDXL's tokenizer_2) pads with "!", CLIP's with <|endoftext|>
+# Flow-matching schedules of the hub snapshots (stabilityai/stable-diffusion-3-medium-diffusers and 3.5-medium;
+# black-forest-labs/FLUX.1-dev, FLUX.1-schnell), and the default DPM-Solver++ PixArt-Σ's converter saves.
+SD3_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_DEV_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULE = {**FLUX_DEV_SCHEDULE, "shift": 1.0, "use_dynamic_shifting": False}
+PIXART_SIGMA_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
+# The 16-channel VAEs' latent statistics: latents = (mean - shift_factor) * scaling_factor.
+SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+T5_WIDTH = 64  # the tiny T5 encoder's d_model (T5-XXL's is 4096), the transformers' joint_attention_dim
 
 # stabilityai/sd-turbo's model_index.json (616 bytes, diffusers 0.24.0.dev0) names the folder it was converted in;
 # stabilityai/sdxl-turbo's (685 bytes) has no _name_or_path.
@@ -128,19 +177,30 @@ def _sdxl_unet(*, text_width: int, pooled_width: int, **changes):
 
 
 def _vae(scaling_factor: float = 0.18215, **changes):
-    """A factor-8 VAE (four levels) with 16-32 channels."""
+    """A factor-8 VAE (four levels) with 16-32 channels, 4 latent channels unless ``changes`` say otherwise."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=128,
+    config = {
+        "block_out_channels": (16, 16, 32, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "layers_per_block": 1,
+        "sample_size": 128,
+        "scaling_factor": scaling_factor,
+    }
+    return AutoencoderKL(**{**config, **changes})
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    """SD3's and FLUX's VAE: 16 latent channels, latents shifted before scaling, no 1x1 quant convs."""
+    return _vae(
         scaling_factor=scaling_factor,
-        **changes,
+        shift_factor=shift_factor,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -171,6 +231,36 @@ def _text_encoder(width: int, *, hidden_act: str = "quick_gelu", projection_dim:
         projection_dim=projection_dim or width,
     )
     return CLIPTextModel(config) if projection_dim is None else CLIPTextModelWithProjection(config)
+
+
+def _t5_tokenizer():
+    """A copy of the T5-style tokenizer (the cached one is shared)."""
+    from .t5_tokenizer import t5_style_tokenizer
+
+    return copy.deepcopy(t5_style_tokenizer())
+
+
+def _t5_encoder():
+    """A two-layer T5 v1.1 encoder (gated GELU, as SD3's, FLUX's and PixArt's T5-XXL) of width 64.
+
+    Its embedding table is padded to a multiple of 128 rows, as T5's is (32,128 rows for 32,100 tokens).
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _t5_tokenizer()
+    config = T5Config(
+        vocab_size=-(-len(tokenizer) // 128) * 128,
+        d_model=T5_WIDTH,
+        d_kv=16,
+        d_ff=2 * T5_WIDTH,
+        num_layers=2,
+        num_heads=T5_WIDTH // 16,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
 
 
 def _sd_pipeline(unet, text_encoder, tokenizer, scheduler):
@@ -263,6 +353,111 @@ def _sdxl_turbo():
     return _sdxl_pipeline(EulerAncestralDiscreteScheduler(**TURBO_SCHEDULE))
 
 
+def _sd3(**transformer_changes):
+    """SD3: CLIP-L-like and CLIP-G-like encoders (pooled outputs concatenated) and T5, one MMDiT over all three.
+
+    The pipeline pads the two CLIP encoders' concatenated hidden states (16 + 32) to T5's width
+    (64) and appends T5's states along the sequence: ``joint_attention_dim`` is T5's width.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    width, width_2 = 16, 32
+    heads, head_dim = 4, 8
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=T5_WIDTH,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=width + width_2,
+        pos_embed_max_size=48,
+        **transformer_changes,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+        vae=_flow_vae(**SD3_VAE),
+        text_encoder=_text_encoder(width, projection_dim=width),
+        tokenizer=_tokenizer(),
+        text_encoder_2=_text_encoder(width_2, hidden_act="gelu", projection_dim=width_2),
+        tokenizer_2=_tokenizer(SD2_PAD_TOKEN),
+        text_encoder_3=_t5_encoder(),
+        tokenizer_3=_t5_tokenizer(),
+    )
+
+
+def _sd35():
+    """SD3.5 (medium): SD3 with RMS-normed queries and keys and dual attention in the first blocks (0-12 of 24)."""
+    return _sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1))
+
+
+def _flux(*, guidance_embeds: bool, schedule: dict):
+    """FLUX.1: CLIP-L (pooled only) and T5, double-stream then single-stream blocks over 2x2-packed latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_width = 32
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 2 * 2,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=clip_width,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**schedule),
+        vae=_flow_vae(**FLUX_VAE),
+        text_encoder=_text_encoder(clip_width),
+        tokenizer=_tokenizer(),
+        text_encoder_2=_t5_encoder(),
+        tokenizer_2=_t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def _flux_dev():
+    return _flux(guidance_embeds=True, schedule=FLUX_DEV_SCHEDULE)
+
+
+def _flux_schnell():
+    return _flux(guidance_embeds=False, schedule=FLUX_SCHNELL_SCHEDULE)
+
+
+def _pixart_sigma():
+    """PixArt-Σ: a DiT with cross-attention to T5 (masked), learned variance (8 output channels), SDXL's VAE."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    heads, head_dim = 2, 16
+    transformer = PixArtTransformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        cross_attention_dim=heads * head_dim,
+        caption_channels=T5_WIDTH,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5_encoder(),
+        vae=_vae(scaling_factor=0.13025, force_upcast=True),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(**PIXART_SIGMA_SCHEDULE),
+    )
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     """How to build one family's tiny pipeline, and what its folder says about itself besides the weights.
@@ -287,13 +482,23 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "sd-turbo": TinyFamily(_sd_turbo, name_or_path=SD_TURBO_NAME_OR_PATH, card=SD_TURBO_CARD),
     "sdxl-turbo": TinyFamily(_sdxl_turbo, card=SDXL_TURBO_CARD),
 }
+# Transformer (DiT) families: kept apart from the UNet families above, which maskdiffusion's segmenter reads.
+TRANSFORMER_FAMILIES: dict[str, TinyFamily] = {
+    "sd3": TinyFamily(_sd3),
+    "sd3.5": TinyFamily(_sd35),
+    "flux-dev": TinyFamily(_flux_dev),
+    "flux-schnell": TinyFamily(_flux_schnell),
+    "pixart-sigma": TinyFamily(_pixart_sigma),
+}
 
 
 def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0, family: str = "sd1") -> Path:
-    """Build the tiny random model of ``family`` into ``folder`` (created; replaced atomically) and return it."""
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
-    kind = TINY_FAMILIES[family]
+    """Build the tiny random model of ``family`` (in :data:`TINY_FAMILIES` or :data:`TRANSFORMER_FAMILIES`) into
+    ``folder`` (created; replaced atomically) and return it."""
+    families = {**TINY_FAMILIES, **TRANSFORMER_FAMILIES}
+    if family not in families:
+        raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(families)}")
+    kind = families[family]
     folder = Path(folder)
     torch.manual_seed(seed)
     pipe = kind.build()

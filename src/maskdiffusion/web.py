@@ -563,7 +563,7 @@ def build_app(
                     size = gr.Slider(
                         minimum=SIZE_RANGE[0],
                         maximum=SIZE_RANGE[1],
-                        step=segmenter.layout.block,
+                        step=segmenter.backbone.block,
                         value=segmenter.preset.size,
                         label="Size (view short side, pixels)",
                         elem_id="size",

@@ -1,0 +1,162 @@
+"""Cross-attention transformers (DiT): PixArt-Σ.
+
+``PixArtTransformer2DModel`` runs ``BasicTransformerBlock``s on one token grid at 1/16 of the view
+(the VAE's 8 x a 2x2 patch): self-attention over the image, then cross-attention (``attn2``) to
+T5's tokens with the prompt's padding masked, as its pipeline masks it. PixArt has no joint
+attention, so its class maps are the cross-attention weights (``class_maps="attention"``),
+captured by the same processor as a UNet's (:class:`~maskdiffusion.capture.CaptureProcessor`,
+the mask added to the scores as the model adds it); features are the image tokens' output hidden
+states of ``feature_blocks``. Latents are noised with the folder's own DDPM schedule.
+
+``auto`` layers (not measured here: no real weights can be loaded): attention from the middle
+third of the blocks (9-17 of PixArt-Σ's 28), features from the two blocks at half depth (13, 14),
+where diffusion transformers' features are reported most semantic; GoCA weighs PixArt's layers
+itself, which this fixed choice does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from typing import ClassVar
+
+import torch
+
+from ..capture import CaptureProcessor, CaptureStore, PassComplete, installed
+from ..precision import Precision
+from ..presets import AUTO, Preset
+from ..prompts import ClassName, PromptBatch
+from ..text import TextConditioning, build_prompt_batches, padding_mask, t5_hidden
+from .base import (
+    Backbone,
+    Part,
+    PassSignals,
+    block_hooks,
+    check_blocks,
+    check_unsupported,
+    mean_over_prompts,
+    per_prompt,
+    token_features,
+)
+from .noise import DDPMSchedule
+
+
+class PixArtBackbone(Backbone):
+    """PixArt-Σ: ``PixArtTransformer2DModel`` with one T5 encoder (its padding masked)."""
+
+    kind = "dit"
+    denoiser_part = "transformer"
+    parts: ClassVar[dict[str, Part]] = {
+        "transformer": Part("diffusers", "PixArtTransformer2DModel"),
+        "text_encoder": Part("transformers", "T5EncoderModel"),
+        "tokenizer": Part("transformers", "T5TokenizerFast", weights=False),
+    }
+    text_parts = ("text_encoder",)
+    tokenizer_parts = ("tokenizer",)
+
+    def __init__(self, modules: dict[str, object], scheduler: dict, vae_factor: int, family):
+        super().__init__(modules, scheduler, vae_factor, family)
+        alphas = getattr(modules.get("scheduler"), "alphas_cumprod", None)
+        self.schedule = DDPMSchedule(alphas) if alphas is not None else DDPMSchedule.from_config(scheduler)
+        self.text_length = family.text_length or 300
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.transformer.transformer_blocks)
+
+    @property
+    def block(self) -> int:
+        return self.vae_factor * int(self.transformer.config.patch_size)
+
+    def resolve(self, preset: Preset) -> Preset:
+        count = len(self.blocks)
+        changes = {}
+        if preset.attention_factors == AUTO:
+            changes["attention_factors"] = (self.block,)
+        if preset.attention_blocks == AUTO:
+            changes["attention_blocks"] = tuple(range(count // 3, max(count // 3 + 1, 2 * count // 3)))
+        if preset.feature_blocks == AUTO:
+            changes["feature_blocks"] = tuple(sorted({max(count // 2 - 1, 0), count // 2}))
+        return preset.replace(**changes) if changes else preset
+
+    def check(self, preset: Preset) -> None:
+        check_unsupported(
+            preset,
+            "PixArt has cross-attention only, on one token grid (no concept streams; self-attention propagation "
+            "and shared queries are UNet options)",
+            attention_factors=(self.block,),
+            class_maps="attention",
+            self_attention_factors=(),
+            long_vocabulary="batch",
+        )
+        check_blocks(preset.attention_blocks, len(self.blocks), "attention_blocks", "blocks")
+        check_blocks(preset.feature_blocks, len(self.blocks), "feature_blocks", "blocks")
+        late = [t for t in (preset.timestep, *preset.ensemble_timesteps) if t >= self.schedule.steps]
+        if late:
+            raise ValueError(f"timestep(s) {late} past this model's noise schedule: use 0 to {self.schedule.steps - 1}")
+
+    def noise_level(self, timestep: int, view: tuple[int, int]) -> dict:
+        return self.schedule.level(timestep, 0)
+
+    def prompts(self, vocabulary: Sequence[ClassName], separator: str) -> list[PromptBatch]:
+        return build_prompt_batches([self.tokenizer], vocabulary, separator, lengths=[self.text_length])
+
+    def encode(self, batches: Sequence[PromptBatch], device: torch.device) -> TextConditioning:
+        mask = padding_mask(batches[0], self.tokenizer).to(device)
+        return TextConditioning(t5_hidden(self.text_encoder, batches[0].input_ids.to(device), mask), mask=mask)
+
+    def class_weights(self, batches: Sequence[PromptBatch], preset: Preset, words: str) -> torch.Tensor:
+        return batches[0].token_weights(words)
+
+    def noise(self, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
+        return self.schedule.noise(latents, timestep, seed)
+
+    def _added_conditions(self, batch: int, view: tuple[int, int], device) -> dict:
+        """PixArt's size conditions: none for PixArt-Σ (its pipeline passes ``None``), else the view's
+        resolution and aspect ratio, as PixArt-α's pipeline passes them."""
+        if not self.transformer.use_additional_conditions:
+            return {"resolution": None, "aspect_ratio": None}
+        height, width = view
+        return {
+            "resolution": torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(batch, -1),
+            "aspect_ratio": torch.tensor([[height / width]], dtype=torch.float32, device=device).expand(batch, -1),
+        }
+
+    def run(
+        self, latents: torch.Tensor, timestep: int, text: TextConditioning, preset: Preset, precision: Precision
+    ) -> PassSignals:
+        views, prompts = latents.shape[0], len(text)
+        dtype = self.transformer.dtype
+        view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        batch_text = text.batch(prompts, views, dtype)
+        inputs = per_prompt(latents, prompts, dtype, precision)
+        store = CaptureStore.for_view(view, preset)
+        processors = {
+            f"transformer_blocks.{i}.attn2.processor": CaptureProcessor([store], self.block)
+            for i in preset.attention_blocks
+        }
+        stop = max([*preset.attention_blocks, *preset.feature_blocks])
+        raw: dict[int, torch.Tensor] = {}
+        hooks = block_hooks(self.blocks, preset.feature_blocks, stop, raw)
+        with installed(self.transformer, processors, hooks), suppress(PassComplete):
+            self.transformer(
+                inputs,
+                encoder_hidden_states=batch_text.hidden,
+                encoder_attention_mask=batch_text.mask,
+                timestep=torch.full((inputs.shape[0],), timestep, device=inputs.device, dtype=torch.long),
+                added_cond_kwargs=self._added_conditions(inputs.shape[0], view, inputs.device),
+                return_dict=False,
+            )
+        rows, cols = view[0] // self.block, view[1] // self.block
+        grid = (view[0] // preset.feature_factor, view[1] // preset.feature_factor)
+        features = torch.cat([token_features(raw[b], rows, cols, grid) for b in preset.feature_blocks], dim=1)
+        attention = store.layer_mean()
+        return PassSignals(
+            attention=attention.reshape(views, prompts, *attention.shape[-3:]),
+            features=mean_over_prompts(features, views, prompts),
+        )
+
+    def compile(self, compile_fn: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """The blocks' feed-forward layers (no processor or hook lives in them)."""
+        for block in self.blocks:
+            block.ff = compile_fn(block.ff)
