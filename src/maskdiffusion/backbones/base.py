@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from ..capture import PassComplete, features_on_grid
+from ..capture import CaptureStore, PassComplete, features_on_grid
 from ..families import Family
 from ..precision import Precision
 from ..presets import Preset
@@ -190,16 +190,33 @@ def token_features(tokens: torch.Tensor, rows: int, cols: int, grid: tuple[int, 
     return features_on_grid(tokens.transpose(1, 2).reshape(batch, width, rows, cols), grid)
 
 
+@dataclass
+class TransformerPass:
+    """What one capturing pass of a transformer leaves: the store, each wanted block's image tokens
+    ``(B, N, D)``, the token grid ``(rows, cols)`` and the model's output (``None`` if it stopped early)."""
+
+    store: CaptureStore
+    tokens: dict[int, torch.Tensor]
+    grid: tuple[int, int]
+    output: torch.Tensor | None = None
+
+    def features(self, blocks: Sequence[int], grid: tuple[int, int]) -> torch.Tensor:
+        """``(B, D, *grid)`` the blocks' image tokens, each L2-normalised, concatenated over channels."""
+        return torch.cat([token_features(self.tokens[b], *self.grid, grid) for b in blocks], dim=1)
+
+
 def block_hooks(
     blocks: Sequence[torch.nn.Module],
     wanted: Sequence[int],
-    stop_block: int,
+    last: int,
     raw: dict[int, torch.Tensor],
     after: Callable[[int, torch.nn.Module], None] | None = None,
+    *,
+    stop: bool = True,
 ) -> list[tuple[torch.nn.Module, Callable]]:
-    """Forward hooks on transformer blocks: keep the image tokens of the ``wanted`` blocks in ``raw``
-    (a block's output, or its second item: SD3 and FLUX blocks return ``(text, image)``), call
-    ``after(index, block)`` on every hooked block, and stop the pass after ``stop_block``."""
+    """Forward hooks on transformer blocks ``0..last``: keep the image tokens of the ``wanted`` blocks in
+    ``raw`` (a block's output, or its second item: SD3 and FLUX blocks return ``(text, image)``), call
+    ``after(index, block)`` on every hooked block, and (``stop``) end the pass after block ``last``."""
 
     def hook_of(index: int) -> Callable:
         def hook(module, args, output):
@@ -207,9 +224,9 @@ def block_hooks(
                 raw[index] = output[1] if isinstance(output, tuple) else output
             if after is not None:
                 after(index, module)
-            if index == stop_block:
+            if stop and index == last:
                 raise PassComplete
 
         return hook
 
-    return [(block, hook_of(i)) for i, block in enumerate(blocks) if i <= stop_block]
+    return [(block, hook_of(i)) for i, block in enumerate(blocks) if i <= last]

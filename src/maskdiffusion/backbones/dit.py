@@ -16,7 +16,7 @@ itself, which this fixed choice does not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from typing import ClassVar
 
@@ -24,28 +24,18 @@ import torch
 
 from ..capture import CaptureProcessor, CaptureStore, PassComplete, installed
 from ..precision import Precision
-from ..presets import AUTO, Preset
+from ..presets import Preset
 from ..prompts import ClassName, PromptBatch
 from ..text import TextConditioning, build_prompt_batches, padding_mask, t5_hidden
-from .base import (
-    Backbone,
-    Part,
-    PassSignals,
-    block_hooks,
-    check_blocks,
-    check_unsupported,
-    mean_over_prompts,
-    per_prompt,
-    token_features,
-)
+from .base import Part, TransformerPass, block_hooks, per_prompt
 from .noise import DDPMSchedule
+from .transformer import TransformerBackbone
 
 
-class PixArtBackbone(Backbone):
+class PixArtBackbone(TransformerBackbone):
     """PixArt-Σ: ``PixArtTransformer2DModel`` with one T5 encoder (its padding masked)."""
 
     kind = "dit"
-    denoiser_part = "transformer"
     parts: ClassVar[dict[str, Part]] = {
         "transformer": Part("diffusers", "PixArtTransformer2DModel"),
         "text_encoder": Part("transformers", "T5EncoderModel"),
@@ -65,38 +55,16 @@ class PixArtBackbone(Backbone):
         return list(self.transformer.transformer_blocks)
 
     @property
-    def block(self) -> int:
-        return self.vae_factor * int(self.transformer.config.patch_size)
+    def patch(self) -> int:
+        return int(self.transformer.config.patch_size)
 
-    def resolve(self, preset: Preset) -> Preset:
+    def auto_attention_blocks(self) -> tuple[int, ...]:
         count = len(self.blocks)
-        changes = {}
-        if preset.attention_factors == AUTO:
-            changes["attention_factors"] = (self.block,)
-        if preset.attention_blocks == AUTO:
-            changes["attention_blocks"] = tuple(range(count // 3, max(count // 3 + 1, 2 * count // 3)))
-        if preset.feature_blocks == AUTO:
-            changes["feature_blocks"] = tuple(sorted({max(count // 2 - 1, 0), count // 2}))
-        return preset.replace(**changes) if changes else preset
+        return tuple(range(count // 3, max(count // 3 + 1, 2 * count // 3)))
 
-    def check(self, preset: Preset) -> None:
-        check_unsupported(
-            preset,
-            "PixArt has cross-attention only, on one token grid (no concept streams; self-attention propagation "
-            "and shared queries are UNet options)",
-            attention_factors=(self.block,),
-            class_maps="attention",
-            self_attention_factors=(),
-            long_vocabulary="batch",
-        )
-        check_blocks(preset.attention_blocks, len(self.blocks), "attention_blocks", "blocks")
-        check_blocks(preset.feature_blocks, len(self.blocks), "feature_blocks", "blocks")
-        late = [t for t in (preset.timestep, *preset.ensemble_timesteps) if t >= self.schedule.steps]
-        if late:
-            raise ValueError(f"timestep(s) {late} past this model's noise schedule: use 0 to {self.schedule.steps - 1}")
-
-    def noise_level(self, timestep: int, view: tuple[int, int]) -> dict:
-        return self.schedule.level(timestep, 0)
+    def auto_feature_blocks(self) -> tuple[int, ...]:
+        count = len(self.blocks)
+        return tuple(sorted({max(count // 2 - 1, 0), count // 2}))
 
     def prompts(self, vocabulary: Sequence[ClassName], separator: str) -> list[PromptBatch]:
         return build_prompt_batches([self.tokenizer], vocabulary, separator, lengths=[self.text_length])
@@ -122,9 +90,18 @@ class PixArtBackbone(Backbone):
             "aspect_ratio": torch.tensor([[height / width]], dtype=torch.float32, device=device).expand(batch, -1),
         }
 
-    def run(
-        self, latents: torch.Tensor, timestep: int, text: TextConditioning, preset: Preset, precision: Precision
-    ) -> PassSignals:
+    def capture(
+        self,
+        latents: torch.Tensor,
+        timestep: int,
+        text: TextConditioning,
+        preset: Preset,
+        precision: Precision,
+        *,
+        stop_early: bool = True,
+    ) -> TransformerPass:
+        """One pass over ``latents`` ``(V, c, h, w)`` for every (view, prompt) pair of ``text``, processors and
+        hooks installed; with ``stop_early=False`` it runs to the end and keeps the model's output."""
         views, prompts = latents.shape[0], len(text)
         dtype = self.transformer.dtype
         view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
@@ -135,28 +112,17 @@ class PixArtBackbone(Backbone):
             f"transformer_blocks.{i}.attn2.processor": CaptureProcessor([store], self.block)
             for i in preset.attention_blocks
         }
-        stop = max([*preset.attention_blocks, *preset.feature_blocks])
         raw: dict[int, torch.Tensor] = {}
-        hooks = block_hooks(self.blocks, preset.feature_blocks, stop, raw)
+        last = max([*preset.attention_blocks, *preset.feature_blocks])
+        hooks = block_hooks(self.blocks, preset.feature_blocks, last, raw, stop=stop_early)
+        result = TransformerPass(store, raw, (view[0] // self.block, view[1] // self.block))
         with installed(self.transformer, processors, hooks), suppress(PassComplete):
-            self.transformer(
+            result.output = self.transformer(
                 inputs,
                 encoder_hidden_states=batch_text.hidden,
                 encoder_attention_mask=batch_text.mask,
                 timestep=torch.full((inputs.shape[0],), timestep, device=inputs.device, dtype=torch.long),
                 added_cond_kwargs=self._added_conditions(inputs.shape[0], view, inputs.device),
                 return_dict=False,
-            )
-        rows, cols = view[0] // self.block, view[1] // self.block
-        grid = (view[0] // preset.feature_factor, view[1] // preset.feature_factor)
-        features = torch.cat([token_features(raw[b], rows, cols, grid) for b in preset.feature_blocks], dim=1)
-        attention = store.layer_mean()
-        return PassSignals(
-            attention=attention.reshape(views, prompts, *attention.shape[-3:]),
-            features=mean_over_prompts(features, views, prompts),
-        )
-
-    def compile(self, compile_fn: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
-        """The blocks' feed-forward layers (no processor or hook lives in them)."""
-        for block in self.blocks:
-            block.ff = compile_fn(block.ff)
+            )[0]
+        return result

@@ -50,22 +50,12 @@ import torch.nn.functional as F
 
 from ..capture import CaptureStore, PassComplete, installed
 from ..precision import Precision
-from ..presets import AUTO, Preset
+from ..presets import Preset
 from ..prompts import ClassName, PromptBatch
 from ..text import TextConditioning, build_prompt_batches, clip_hidden_and_pooled, t5_hidden
-from .base import (
-    Backbone,
-    Part,
-    PassSignals,
-    block_hooks,
-    check_blocks,
-    check_unsupported,
-    concatenated_weights,
-    mean_over_prompts,
-    per_prompt,
-    token_features,
-)
+from .base import Part, TransformerPass, block_hooks, check_blocks, concatenated_weights, per_prompt
 from .noise import FlowSchedule
+from .transformer import TransformerBackbone
 
 SEG4DIFF_DEPTH = 3 / 8  # Seg4Diff: block 9 of SD3-medium's 24
 CONCEPT_BLOCKS = 4  # ConceptAttention: the last 4 of FLUX's 19 double-stream blocks
@@ -251,11 +241,11 @@ class FluxJointProcessor:
         return hidden, attn.to_add_out(_merge(text_out).to(q.dtype).contiguous())
 
 
-class MMDiTBackbone(Backbone):
+class MMDiTBackbone(TransformerBackbone):
     """What SD3 and FLUX share: joint blocks, concept streams, flow matching; subclasses say the rest."""
 
     kind = "mmdit"
-    denoiser_part = "transformer"
+    supports_concepts = True
     processor: ClassVar[type]
     image_first: ClassVar[bool]
 
@@ -280,67 +270,21 @@ class MMDiTBackbone(Backbone):
         return f"single_transformer_blocks.{index - joint}.attn.processor"
 
     @property
-    def block(self) -> int:
-        return self.vae_factor * self.patch
-
-    @property
     def patch(self) -> int:
         return 2
 
-    @property
-    def max_size(self) -> int | None:
-        """The largest view side the model's position embedding covers (``None``: no limit)."""
-        return None
-
-    def auto_blocks(self) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def resolve(self, preset: Preset) -> Preset:
-        changes = {}
-        if preset.attention_factors == AUTO:
-            changes["attention_factors"] = (self.block,)
-        if preset.attention_blocks == AUTO:
-            changes["attention_blocks"] = self.auto_blocks()
-        if preset.feature_blocks == AUTO:
-            changes["feature_blocks"] = self.auto_blocks()
-        return preset.replace(**changes) if changes else preset
+    def auto_feature_blocks(self) -> tuple[int, ...]:
+        return self.auto_attention_blocks()
 
     def check(self, preset: Preset) -> None:
-        what = "a transformer's blocks all work on one token grid; self-attention propagation and shared queries "
-        check_unsupported(
-            preset,
-            what + "are UNet options",
-            attention_factors=(self.block,),
-            self_attention_factors=(),
-            long_vocabulary="batch",
-        )
-        count, joint = len(self.blocks), len(self.joint_blocks)
-        check_blocks(preset.attention_blocks, count, "attention_blocks", "blocks")
-        check_blocks(preset.feature_blocks, count, "feature_blocks", "blocks")
+        super().check(preset)
         if preset.class_maps == "concept":
-            check_blocks(
-                preset.attention_blocks,
-                joint,
-                "attention_blocks",
-                "joint (double-stream) blocks, the only ones with concept streams,",
-            )
-        late = [t for t in (preset.timestep, *preset.ensemble_timesteps) if t >= self.schedule.steps]
-        if late:
-            raise ValueError(f"timestep(s) {late} past this model's noise schedule: use 0 to {self.schedule.steps - 1}")
-        if self.max_size is not None and preset.size > self.max_size:
-            raise ValueError(
-                f"size {preset.size} is past what this model's position embedding covers: at most {self.max_size}"
-            )
-
-    def _tokens(self, view: tuple[int, int]) -> int:
-        return (view[0] // self.block) * (view[1] // self.block)
-
-    def noise_level(self, timestep: int, view: tuple[int, int]) -> dict:
-        return self.schedule.level(timestep, self._tokens(view))
+            joint = "joint (double-stream) blocks, the only ones with a text branch for concept streams,"
+            check_blocks(preset.attention_blocks, len(self.joint_blocks), "attention_blocks", joint)
 
     def noise(self, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
         view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
-        return self.schedule.noise(latents, self.schedule.sigma(timestep, self._tokens(view)), seed)
+        return self.schedule.noise(latents, self.schedule.sigma(timestep, self.tokens(view)), seed)
 
     def class_weights(self, batches: Sequence[PromptBatch], preset: Preset, words: str) -> torch.Tensor:
         if preset.class_maps == "concept":  # every prompt's pass carries every class's stream: the mean over them
@@ -368,17 +312,25 @@ class MMDiTBackbone(Backbone):
         """The transformer's keyword arguments for one batch, and the token grid ``(rows, cols)``."""
         raise NotImplementedError
 
-    def run(
-        self, latents: torch.Tensor, timestep: int, text: TextConditioning, preset: Preset, precision: Precision
-    ) -> PassSignals:
+    def capture(
+        self,
+        latents: torch.Tensor,
+        timestep: int,
+        text: TextConditioning,
+        preset: Preset,
+        precision: Precision,
+        *,
+        stop_early: bool = True,
+    ) -> TransformerPass:
+        """One pass over ``latents`` ``(V, c, h, w)`` for every (view, prompt) pair of ``text``, processors and
+        hooks installed; with ``stop_early=False`` it runs to the end and keeps the model's output."""
         views, prompts = latents.shape[0], len(text)
         dtype = self.transformer.dtype
         view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
-        batch_text = text.batch(prompts, views, dtype)
-        kwargs, (rows, cols) = self.forward_inputs(
+        kwargs, grid = self.forward_inputs(
             per_prompt(latents, prompts, dtype, precision),
-            self.schedule.sigma(timestep, self._tokens(view)),
-            batch_text,
+            self.schedule.sigma(timestep, self.tokens(view)),
+            text.batch(prompts, views, dtype),
         )
         concept = preset.class_maps == "concept"
         last_concept = max(preset.attention_blocks) if concept else -1
@@ -394,27 +346,14 @@ class MMDiTBackbone(Backbone):
         )
         captured = set(preset.attention_blocks) | set(range(last_concept + 1))
         processors = {self._block_name(i): self.processor(state, i) for i in sorted(captured)}
-        blocks = self.blocks
-        stop = max([*preset.attention_blocks, *preset.feature_blocks])
-        raw: dict[int, torch.Tensor] = {}
-        hooks = block_hooks(blocks, preset.feature_blocks, stop, raw, after=state.concept_step)
+        blocks, raw = self.blocks, {}
+        last = max([*preset.attention_blocks, *preset.feature_blocks])
+        hooks = block_hooks(blocks, preset.feature_blocks, last, raw, after=state.concept_step, stop=stop_early)
         pre_hooks = [(blocks[i], _keep_inputs(state, i)) for i in range(last_concept + 1)]
+        result = TransformerPass(state.store, raw, grid)
         with installed(self.transformer, processors, hooks, pre_hooks), suppress(PassComplete):
-            self.transformer(**kwargs, return_dict=False)
-        grid = (view[0] // preset.feature_factor, view[1] // preset.feature_factor)
-        features = torch.cat([token_features(raw[b], rows, cols, grid) for b in preset.feature_blocks], dim=1)
-        attention = state.store.layer_mean()
-        return PassSignals(
-            attention=attention.reshape(views, prompts, *attention.shape[-3:]),
-            features=mean_over_prompts(features, views, prompts),
-        )
-
-    def compile(self, compile_fn: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
-        """The joint blocks' feed-forward layers (no processor or hook lives in them)."""
-        for block in self.blocks:
-            for name in ("ff", "ff_context"):
-                if getattr(block, name, None) is not None:
-                    setattr(block, name, compile_fn(getattr(block, name)))
+            result.output = self.transformer(**kwargs, return_dict=False)[0]
+        return result
 
 
 def _keep_inputs(state: JointPass, index: int) -> Callable:
@@ -453,7 +392,7 @@ class SD3Backbone(MMDiTBackbone):
         limit = self.transformer.config.get("pos_embed_max_size")
         return None if limit is None else int(limit) * self.block
 
-    def auto_blocks(self) -> tuple[int, ...]:
+    def auto_attention_blocks(self) -> tuple[int, ...]:
         count = len(self.joint_blocks)
         centre = round(SEG4DIFF_DEPTH * count)
         return tuple(i for i in (centre - 1, centre, centre + 1) if 0 <= i < count)
@@ -516,7 +455,7 @@ class FluxBackbone(MMDiTBackbone):
     text_parts = ("text_encoder", "text_encoder_2")
     tokenizer_parts = ("tokenizer", "tokenizer_2")
 
-    def auto_blocks(self) -> tuple[int, ...]:
+    def auto_attention_blocks(self) -> tuple[int, ...]:
         count = len(self.joint_blocks)
         return tuple(range(max(0, count - CONCEPT_BLOCKS), count))
 
