@@ -257,6 +257,8 @@ class Evaluation:
             "background": self._background_rule(),
             "preset": self.preset.to_dict(),
             "model": self.segmenter.model_id,
+            "family": self.segmenter.family.name,
+            "noise": self.segmenter.noise_levels(self.preset),
             "dtype": str(self.segmenter.dtype).removeprefix("torch."),
             "images_per_batch": self.group_size,
             "version": __version__,

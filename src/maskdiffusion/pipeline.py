@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -462,6 +463,19 @@ class MaskDiffusion:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         vocabulary, preset = self.check_inputs(classes, preset)
+        with _evaluation_mode([self.vae, *self.backbone.modules().values()]):
+            return self._segment_batch(images, vocabulary, preset, errors, progress, keep_features, cancel)
+
+    def _segment_batch(
+        self,
+        images: Sequence[ImageInput],
+        vocabulary: list[ClassName],
+        preset: Preset,
+        errors: str,
+        progress: Callable[[Result | ImageLoadError], object] | None,
+        keep_features: bool,
+        cancel: Callable[[], bool] | None,
+    ) -> list[Result | ImageLoadError]:
         prompted = [*vocabulary, *background_classes(vocabulary, preset.background_words)]
         batches = self.build_prompts(prompted, preset.separator)
         mass = preset.attention_normalization != "max"  # probabilities: a word's tokens' mass, not their mean
@@ -543,6 +557,20 @@ class MaskDiffusion:
     def __call__(self, image: ImageInput, classes: ClassesInput, *, preset: str | Preset | None = None) -> Result:
         """Segment one image: ``seg("street.jpg", classes=["road", "sky"])`` -> :class:`Result`."""
         return self.segment_batch([image], classes, preset=preset)[0]
+
+
+@contextmanager
+def _evaluation_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Dropout off for one call (a pipeline shared through ``from_pipe`` may be in training mode), every
+    module's own flag restored afterwards."""
+    training = [m for module in modules for m in module.modules() if m.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 def _labels(scores: torch.Tensor, size: tuple[int, int], threshold: float | None, present: torch.Tensor) -> np.ndarray:

@@ -114,7 +114,11 @@ OUTPUT_ORDER = ("status", "overlay", "label_map", "legend", "heatmaps", "downloa
 def model_info(segmenter: MaskDiffusion) -> str:
     """Markdown: which model runs where, so a screenshot says what made it, and what its labels are worth."""
     dtype = str(segmenter.dtype).removeprefix("torch.")
-    lines = [f"Model `{segmenter.model_id}` · device `{segmenter.device}` · dtype `{dtype}`"]
+    maps = "concept outputs" if segmenter.preset.class_maps == "concept" else "attention weights"
+    lines = [
+        f"Model `{segmenter.model_id}` · family `{segmenter.family.name}` ({segmenter.backbone.kind}, class maps: "
+        f"{maps}) · device `{segmenter.device}` · dtype `{dtype}`"
+    ]
     if segmenter.card.random_weights:
         lines.append(
             "**Random weights: this is a test model. Its labels and heat maps are meaningless;** "
