@@ -325,3 +325,19 @@ def test_classes_judged_absent_take_no_pixel_and_are_listed(segmenter, rng):
     taken = {names[c] for c in np.unique(result.labels)}
     assert not taken & set(result.absent)
     assert result.summary()["absent"] == result.absent
+
+
+def test_a_vocabulary_is_encoded_once_and_its_prompts_reused(tiny_model, rng):
+    seg = MaskDiffusion.from_pretrained(str(tiny_model), device="cpu", preset=Preset(size=64))
+    calls = []
+    handle = seg.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        image = picture(rng, 64, 64)
+        first = seg(image, CLASSES)
+        again = seg(picture(rng, 64, 64), CLASSES)
+        assert len(calls) == 1 and again.labels.shape == (64, 64)  # the second call read the cached prompts
+        np.testing.assert_array_equal(seg(image, CLASSES).labels, first.labels)
+        seg(image, CLASSES, preset=seg.preset.replace(separator=", "))  # other prompts: encoded anew
+        assert len(calls) == 2
+    finally:
+        handle.remove()

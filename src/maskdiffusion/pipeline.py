@@ -82,7 +82,32 @@ class _Call:
     noise: list[dict]  # what each timestep means in the model's own terms
 
 
-class LatentCache:
+class LRU:
+    """A bounded least-recently-used map; capacity 0 keeps nothing."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[object, object] = OrderedDict()
+
+    def get(self, key):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class LatentCache(LRU):
     """Bounded LRU of VAE latents per (image pixels, view layout).
 
     Asking about an image already seen (a new class list, another preset with the same
@@ -90,32 +115,14 @@ class LatentCache:
     ``capacity`` images; 0 disables it.
     """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-
     @staticmethod
     def key(image, layout: ViewLayout) -> str:
         digest = hashlib.blake2b(np.asarray(image).tobytes(), digest_size=16)
         digest.update(repr((image.size, layout)).encode())
         return digest.hexdigest()
 
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
 
-    def put(self, key: str, latents: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
-        self._items[key] = latents
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
+TEXT_CACHE_SIZE = 8  # vocabularies whose encoded prompts are kept (T5-XXL takes tens of seconds a prompt on a CPU)
 
 
 # Component attributes a segmenter always has (``None`` where its model has no such part), named as in diffusers
@@ -171,6 +178,7 @@ class MaskDiffusion:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.latent_cache = LatentCache(cache_size)
+        self.text_cache = LRU(TEXT_CACHE_SIZE)  # (prompted classes, separator) -> (prompt batches, conditioning)
         self.limits = limits
 
     @classmethod
@@ -477,7 +485,7 @@ class MaskDiffusion:
         cancel: Callable[[], bool] | None,
     ) -> list[Result | ImageLoadError]:
         prompted = [*vocabulary, *background_classes(vocabulary, preset.background_words)]
-        batches = self.build_prompts(prompted, preset.separator)
+        batches, text = self._prompts(prompted, preset.separator)
         mass = preset.attention_normalization != "max"  # probabilities: a word's tokens' mass, not their mean
         weights = self.backbone.class_weights(batches, preset, "sum" if mass else "mean").flatten(1)  # (C, P*K)
         used = weights.sum(dim=0) > 0
@@ -493,7 +501,6 @@ class MaskDiffusion:
             preset_name=self.preset_name(preset)[0],
             noise=self.noise_levels(preset),
         )
-        text = self.encode_prompts(batches)
         unit = max(self.backbone.block, preset.attention_factor, preset.feature_factor)
 
         results: list[Result | ImageLoadError | None] = [None] * len(images)
@@ -538,6 +545,16 @@ class MaskDiffusion:
                 if progress:
                     progress(results[done.index])
         return results  # type: ignore[return-value]
+
+    def _prompts(self, prompted: list[ClassName], separator: str) -> tuple[list[PromptBatch], TextConditioning]:
+        """The vocabulary's prompt batches and their conditioning, encoded once per vocabulary (LRU)."""
+        key = (tuple(prompted), separator)
+        cached = self.text_cache.get(key)
+        if cached is None:
+            batches = self.build_prompts(prompted, separator)
+            cached = (batches, self.encode_prompts(batches))
+            self.text_cache.put(key, cached)
+        return cached
 
     def _encode_missing(self, chunk: list[tuple[_Pending, int]], crops: dict[int, torch.Tensor]) -> None:
         """VAE-encode the views of ``chunk`` that the latent cache did not have, in one batch."""
