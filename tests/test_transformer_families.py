@@ -376,3 +376,22 @@ def test_from_pipe_restores_the_processors_when_a_pass_fails(pipe_of):
 def test_every_transformer_family_is_in_the_one_registry():
     rows = {name: FAMILIES[name].architecture for name in EXPECTED}
     assert rows == {"sd3": "sd3", "sd3.5": "sd3", "flux-dev": "flux", "flux-schnell": "flux", "pixart-sigma": "pixart"}
+
+
+def test_cli_flags_choose_the_map_kind_and_blocks(tiny_family_model, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene()).save(image)
+    model = ["--model", str(tiny_family_model("flux-schnell")), "--device", "cpu", "--quiet"]
+    args = ["segment", str(image), *model, "--classes", "sky, sand", "--out", str(tmp_path / "out")]
+    flags = ["--class-maps", "attention", "--attention-blocks", "1,3", "--feature-blocks", "auto"]
+    assert cli.main([*args, *flags]) == 0
+    settings = json.loads((tmp_path / "out" / "scene.json").read_text())["settings"]
+    assert (settings["class_maps"], settings["attention_blocks"], settings["feature_blocks"]) == (
+        "attention",
+        [1, 3],
+        [0, 1],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--attention-blocks", "1,x"])
+    assert exit_info.value.code == 2
+    assert "expected comma-separated block indices or 'auto', got '1,x'" in capsys.readouterr().err

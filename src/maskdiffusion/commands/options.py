@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..loading import DEFAULT_MODEL, DTYPES
-from ..presets import PRESETS, Preset
+from ..presets import AUTO, PRESETS, Preset
 from ..prompts import ClassName, parse_classes, read_class_file
 from ..suite import SCLIP_BACKGROUND_WORDS
 from ..views import InputLimits
@@ -68,6 +68,16 @@ def background_words(text: str) -> tuple[str, ...]:
     return words
 
 
+def block_list(text: str) -> tuple[int, ...] | str:
+    """``--attention-blocks`` / ``--feature-blocks``: ``"8,9,10"`` or ``auto``."""
+    if text.strip().casefold() == AUTO:
+        return AUTO
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices or 'auto', got {text!r}") from None
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -97,8 +107,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
     parser.add_argument(
         "--model",
         default=default_model,
-        help=f"hub id or diffusers folder (default: {default_model}; 'toy' = the bundled toy-world model, "
-        "'tiny-random' = random test model)",
+        help=f"hub id or diffusers folder of any family: SD 1.x/2.x/XL, SD3/3.5, FLUX.1, PixArt-Σ (default: "
+        f"{default_model}; 'toy' = the bundled toy-world model, 'tiny-random' = random test model)",
     )
     add_device_argument(parser)
     parser.add_argument(
@@ -108,11 +118,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
         help="model precision (default float32): weights stored in it, attention maps and mask head in float32; "
         "bfloat16 pays on CPUs with AMX / AVX512-BF16 and on GPUs",
     )
-    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="views per UNet batch (default 4)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="views per denoiser batch (default 4)")
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the VAE encoder and the UNet's ResNet blocks (slow first call per shape; default off)",
+        help="torch.compile the VAE encoder and the denoiser's ResNet / feed-forward blocks (slow first call per "
+        "shape; default off)",
     )
 
 
@@ -128,9 +139,34 @@ def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--size",
         type=int,
-        help="view short side in pixels, a multiple of the model's block size (64 for SD; default 512)",
+        help="view short side in pixels, a multiple of the model's block size (64 for SD's UNets, 16 for the "
+        "transformers; default: the model's native size)",
     )
-    parser.add_argument("--timestep", type=int, help="UNet timestep of the single pass (default 0 = the clean image)")
+    parser.add_argument(
+        "--timestep",
+        type=int,
+        help="noise level of the pass, an index into the model's training schedule (0 = the clean image; default: "
+        "the preset's)",
+    )
+    parser.add_argument(
+        "--class-maps",
+        choices=["attention", "concept"],
+        help="attention weights, or concept outputs (SD3, FLUX: ConceptAttention, their default); "
+        "default: the preset's",
+    )
+    parser.add_argument(
+        "--attention-blocks",
+        type=block_list,
+        metavar="I,J,...|auto",
+        help="transformer blocks whose attention gives the class maps (default: the preset's, 'auto' = the model's)",
+    )
+    parser.add_argument(
+        "--feature-blocks",
+        type=block_list,
+        metavar="I,J,...|auto",
+        help="blocks whose outputs are the features: a UNet's up blocks, a transformer's blocks "
+        "(default: the preset's)",
+    )
     parser.add_argument(
         "--attention-mode",
         choices=["exp", "softmax"],
@@ -154,7 +190,17 @@ def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Preset fields with a flag of the same name.
-PRESET_FLAGS = ("size", "timestep", "attention_mode", "background_threshold", "background_words", "refine_steps")
+PRESET_FLAGS = (
+    "size",
+    "timestep",
+    "class_maps",
+    "attention_blocks",
+    "feature_blocks",
+    "attention_mode",
+    "background_threshold",
+    "background_words",
+    "refine_steps",
+)
 
 
 def preset_overrides(args: argparse.Namespace) -> dict:
