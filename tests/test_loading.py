@@ -306,3 +306,21 @@ def test_the_bundled_model_card_lists_its_words_and_their_calibration():
     assert card.vocabulary is not None and not card.random_weights
     assert sorted(card.attention_calibration) == sorted(card.vocabulary)
     assert all(0 < value < 1 for value in card.attention_calibration.values())  # mean probability masses
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_before_loading(tiny_family_model):
+    from safetensors.torch import load_file
+
+    from maskdiffusion.loading import ModelTooLargeError, check_memory, weights_bytes
+
+    folder = tiny_family_model("sd3")
+    needed = weights_bytes(folder, torch.float32)
+    assert set(needed) == {"vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    tensors = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    on_disk = sum(t.numel() * 4 for t in tensors.values())
+    assert needed["transformer"] == on_disk  # float32 tensors at 4 bytes each
+    assert weights_bytes(folder, torch.bfloat16)["transformer"] == on_disk // 2
+    check_memory(folder, torch.device("cpu"), torch.float32, free=sum(needed.values()))  # just fits
+    message = r"needs 0\.0 GiB .* in float32 \(text_encoder_2 .*but cpu has .*bfloat16"
+    with pytest.raises(ModelTooLargeError, match=message):
+        check_memory(folder, torch.device("cpu"), torch.float32, free=sum(needed.values()) - 1)

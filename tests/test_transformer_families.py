@@ -168,7 +168,7 @@ def test_evaluate_runs_and_metrics_record_the_layers_and_map_kind(family, tiny_f
     assert_recorded(metrics["settings"]["preset"], family)
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart-sigma"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_the_web_request_handler_segments_and_says_the_family(family, segmenter_of, tmp_path):
     seg = segmenter_of(family)
     path = tmp_path / "street.png"
@@ -395,3 +395,16 @@ def test_cli_flags_choose_the_map_kind_and_blocks(tiny_family_model, tmp_path, c
         cli.main([*args, "--attention-blocks", "1,x"])
     assert exit_info.value.code == 2
     assert "expected comma-separated block indices or 'auto', got '1,x'" in capsys.readouterr().err
+
+
+def test_the_web_app_segments_an_upload_with_a_transformer(segmenter_of, tmp_path, monkeypatch):
+    import gradio
+
+    photo = tmp_path / "beach.png"
+    Image.fromarray(scene()).save(photo)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    app = web.build_app(segmenter_of("flux-dev"), examples=[])
+    assert isinstance(app, gradio.Blocks)
+    segment = next(fn for fn in app.fns.values() if fn.api_name == "segment")
+    status, overlay, label_map, *_ = segment.fn({"path": str(photo)}, "sky, sand", "default", 128, None)
+    assert "Segmented beach.png (96x64)" in status and overlay is not None and label_map.size == (96, 64)

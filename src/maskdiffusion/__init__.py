@@ -1,11 +1,11 @@
-"""maskdiffusion: open-vocabulary semantic segmentation from a frozen Stable Diffusion.
+"""maskdiffusion: open-vocabulary semantic segmentation from a frozen text-to-image diffusion model.
 
 >>> from maskdiffusion import MaskDiffusion
 >>> seg = MaskDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
 >>> result = seg("street.jpg", classes=["road", "traffic light", "car", "sky"])
 """
 
-from .loading import DEFAULT_MODEL, ModelNotFoundError
+from .loading import DEFAULT_MODEL, ModelNotFoundError, ModelTooLargeError
 from .mask_head import mask_head
 from .pipeline import MaskDiffusion, SegmentationCancelled
 from .presets import PRESETS, Preset
@@ -22,6 +22,7 @@ __all__ = [
     "InputLimits",
     "MaskDiffusion",
     "ModelNotFoundError",
+    "ModelTooLargeError",
     "Preset",
     "Result",
     "SegmentationCancelled",

@@ -12,6 +12,7 @@ unreachable, the error says how to get the weights or what to pass instead.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ VARIANT = re.compile(r"\.(fp16|bf16|fp32)[.-]")  # diffusers' weight variants: t
 
 class ModelNotFoundError(FileNotFoundError):
     """The model is neither a usable folder nor available from the hub cache/network."""
+
+
+class ModelTooLargeError(ValueError):
+    """The model's weights would not fit in the memory the device has free: said before loading, not after
+    an out-of-memory kill."""
 
 
 TOY_MODEL = "toy"
@@ -360,6 +366,65 @@ def check_weights(folder: Path) -> None:
                 ) from None
 
 
+def weights_bytes(folder: Path, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes each weighted part of ``folder`` takes in memory as ``dtype`` (float32 and float16 / bfloat16
+    tensors are stored in ``dtype``, others as they are), read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    floats = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+    sizes = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    needed = {}
+    for part in (name for name, spec in folder_parts(folder).items() if spec.weights):
+        total = 0
+        for file in sorted((folder / part).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                names = handle.keys()
+                for key in names:
+                    info = handle.get_slice(key)
+                    count = math.prod(info.get_shape())
+                    kind = info.get_dtype()
+                    total += count * (itemsize if kind in floats else sizes.get(kind, 4))
+        needed[part] = total
+    return needed
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: a GPU's free memory, or the CPU's ``MemAvailable``
+    (``None`` where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(folder: Path, device: torch.device, dtype: torch.dtype, free: int | None = None) -> None:
+    """Raise :class:`ModelTooLargeError` when the folder's weights in ``dtype`` exceed what ``device`` has free."""
+    free = free_memory(device) if free is None else free
+    if free is None:
+        return
+    needed = weights_bytes(folder, dtype)
+    if sum(needed.values()) <= free:
+        return
+    gib = 2**30
+    parts = ", ".join(f"{name} {size / gib:.1f}" for name, size in sorted(needed.items(), key=lambda kv: -kv[1]))
+    hint = "load it in bfloat16 (--dtype bfloat16)" if dtype == torch.float32 else "use a device with more memory"
+    raise ModelTooLargeError(
+        f"model folder {str(folder)!r} needs {sum(needed.values()) / gib:.1f} GiB for its weights in "
+        f"{str(dtype).removeprefix('torch.')} ({parts} GiB), but {device.type} has {free / gib:.1f} GiB free: "
+        f"{hint}, free memory, or leave an optional part out of the folder (e.g. SD3's text_encoder_3: "
+        "its pipeline then reads zeros in T5's place)"
+    )
+
+
 def _safetensors_name(part: str) -> str:
     return "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
 
@@ -403,6 +468,7 @@ def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype, n
     family, size = folder_family(folder, settings, names)
     presets, card = model_presets(folder, settings, (family, size)), model_card(folder, settings)
     check_weights(folder)
+    check_memory(folder, device, dtype)
     vae_config = _json_file(folder / "vae" / "config.json")
     # SDXL's VAE overflows in float16 (its config says force_upcast): keep it in float32, as diffusers does
     upcast = dtype == torch.float16 and vae_config.get("force_upcast", False)
