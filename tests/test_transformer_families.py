@@ -408,3 +408,23 @@ def test_the_web_app_segments_an_upload_with_a_transformer(segmenter_of, tmp_pat
     segment = next(fn for fn in app.fns.values() if fn.api_name == "segment")
     status, overlay, label_map, *_ = segment.fn({"path": str(photo)}, "sky, sand", "default", 128, None)
     assert "Segmented beach.png (96x64)" in status and overlay is not None and label_map.size == (96, 64)
+
+
+@pytest.mark.parametrize("options", [{"channels_last": True}, {"compile": True}])
+def test_channels_last_and_compile_give_the_plain_labels_on_a_transformer(tiny_family_model, options):
+    from agreement import SCORE_TOLERANCE, assert_labels_equal_except_near_ties
+
+    folder = str(tiny_family_model("flux-schnell"))
+    plain = MaskDiffusion.from_pretrained(folder, device="cpu")(scene(), CLASSES)
+    fast = MaskDiffusion.from_pretrained(folder, device="cpu", **options)(scene(), CLASSES)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=0, atol=SCORE_TOLERANCE)
+    assert_labels_equal_except_near_ties(fast.labels, plain.labels, plain.scores)
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart-sigma"])
+def test_bfloat16_stores_half_weights_and_keeps_the_maps_in_float32(family, tiny_family_model):
+    seg = MaskDiffusion.from_pretrained(str(tiny_family_model(family)), device="cpu", dtype="bfloat16")
+    assert all(module.dtype == torch.bfloat16 for module in (seg.transformer, seg.vae, *seg.text_encoders))
+    result = seg(scene(), CLASSES)
+    assert result.scores.dtype == np.float32 and result.attention.dtype == np.float32
+    assert np.isfinite(result.scores).all() and np.isfinite(result.attention).all()
