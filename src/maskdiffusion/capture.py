@@ -217,7 +217,7 @@ def propagate(log_maps: torch.Tensor, self_attention: torch.Tensor, grid: tuple[
 
 
 def ensemble_passes(preset: Preset) -> list[tuple[int, int, int]]:
-    """``(timestep, seed, weight)`` of every UNet pass per view a preset asks for.
+    """``(timestep, seed, weight)`` of every pass per view a preset asks for.
 
     The timestep and each of ``ensemble_timesteps``, each with seeds ``seed``,
     ``seed + 1``, ... (``noise_samples`` of them). At timestep 0 no noise is added, so its

@@ -1,4 +1,4 @@
-"""k-means on UNet features, for unsupervised MaskDiffusion.
+"""k-means on the denoiser's features (UNet decoder or transformer blocks), for unsupervised MaskDiffusion.
 
 Our own small torch k-means (k-means++ seeding, then Lloyd iterations until no point
 changes cluster) instead of a library one, because an evaluation must be bit-for-bit

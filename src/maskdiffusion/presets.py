@@ -39,7 +39,7 @@ MAX_LAYERS = 16  # entries of attention_factors / attention_blocks / feature_blo
 MAX_BLOCK = 127  # block indices: past FLUX's 57 and SD3.5-large's 38 transformer blocks
 COSINE_RANGE = (-1.0, 1.0)  # scores with normalised prototypes
 POSTERIOR_RANGE = (0.0, 1.0)  # EM scores are class probabilities
-MAX_PASSES = 16  # UNet passes per view of an ensemble: (1 + extra timesteps) x noise samples
+MAX_PASSES = 16  # denoiser passes per view of an ensemble: (1 + extra timesteps) x noise samples
 MAX_PROPAGATION_STEPS = 10  # S^k A: past a few steps every map flattens to S's stationary distribution
 MAX_SELF_ATTENTION_TOKENS = 4096  # cells of a captured self-attention layer (64x64): N^2 float32 = 64 MiB per view
 MAX_WEIGHT = 1000.0  # poe_weight, em_concentration, em_prior_weight: past this one term is all that counts
@@ -57,13 +57,14 @@ class Preset:
             (64 for Stable Diffusion), at most :data:`MAX_SIZE` (2048).
         window_overlap: fraction of a view shared by neighbouring sliding windows along
             the long side of wide or tall images, in [0, 1).
-        timestep: UNet timestep of the single pass, 0 to 999; 0 = the clean latent (as
+        timestep: noise level of the single pass, an index 0 to 999 into the model's training
+            schedule (:mod:`maskdiffusion.backbones.noise` says what it means); 0 = the clean latent (as
             the reference). For t > 0 the latent is noised with seeded noise.
         seed: seed of that noise.
         ensemble_timesteps: extra timesteps (0 to 999, distinct, not ``timestep``) of a
-            multi-timestep ensemble; ``()`` = off. Each is one more UNet pass per view.
+            multi-timestep ensemble; ``()`` = off. Each is one more pass per view.
         noise_samples: noise seeds per timestep (``seed``, ``seed + 1``, ...; the same
-            noise for every view); 1 = off. Every (timestep, seed) pair is one UNet pass
+            noise for every view); 1 = off. Every (timestep, seed) pair is one pass
             (timestep 0 adds no noise: one pass, weighted ``noise_samples``), at most
             :data:`MAX_PASSES` (16) in all; their attention maps are averaged as
             log-mean-exp (like heads and layers), their features as a mean.
@@ -141,7 +142,7 @@ class Preset:
         em_concentration: kappa of the EM mixture (how sharply features decide).
         em_prior_weight: exponent of the attention prior in EM (how much it decides).
         long_vocabulary: how vocabularies that need several prompts are run.
-            ``"batch"``: one UNet pass per prompt (batched); features are the mean over
+            ``"batch"``: one pass per prompt (batched); features are the mean over
             the passes. ``"shared-queries"``: one pass with the first prompt; the other
             prompts attend to that pass's stored queries of the captured layers (keys and
             values come only from the text), so 171 classes cost about what 10 do; an
@@ -304,7 +305,7 @@ class Preset:
         passes = (1 + len(extra)) * samples
         if passes > MAX_PASSES:
             raise ValueError(
-                f"ensemble_timesteps {extra} x noise_samples {samples} ask for {passes} UNet passes per view; "
+                f"ensemble_timesteps {extra} x noise_samples {samples} ask for {passes} passes per view; "
                 f"at most {MAX_PASSES}: use fewer timesteps or noise samples"
             )
         if self.seed + samples - 1 > 2**64 - 1:

@@ -34,8 +34,8 @@ class Result:
         image: the input as RGB (for overlays).
         grid_scores: ``(C, hf, wf)`` float32 class scores on the feature grid (what they are:
             ``preset.score_kind()``).
-        features: ``(D, hf, wf)`` float32 stitched UNet features on the feature grid, kept
-            only when asked for (``keep_features=True``), e.g. for clustering.
+        features: ``(D, hf, wf)`` float32 stitched features (UNet decoder or transformer blocks) on
+            the feature grid, kept only when asked for (``keep_features=True``), e.g. for clustering.
         preset_name: the named preset ``preset`` is (or is closest to; JSON lists the changes).
         warnings: what the user must know to read the result (random weights, words the
             model never saw); also in the JSON and printed by the command line.
