@@ -428,3 +428,23 @@ def test_bfloat16_stores_half_weights_and_keeps_the_maps_in_float32(family, tiny
     result = seg(scene(), CLASSES)
     assert result.scores.dtype == np.float32 and result.attention.dtype == np.float32
     assert np.isfinite(result.scores).all() and np.isfinite(result.attention).all()
+
+
+@pytest.mark.parametrize(
+    ("family", "repo_id"),
+    [("sd3", "stabilityai/stable-diffusion-3-medium-diffusers"), ("flux-schnell", "black-forest-labs/FLUX.1-schnell")],
+)
+def test_a_hub_id_is_found_in_the_local_cache_first(family, repo_id, hub_cached):
+    hub_cached(family, repo_id)
+    seg = MaskDiffusion.from_pretrained(repo_id, device="cpu", local_files_only=True)
+    assert seg.family.name == family and seg.model_id == repo_id
+
+
+def test_an_uncached_transformer_offline_says_which_files_to_download(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from maskdiffusion import ModelNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFoundError, match=r"(?s)black-forest-labs/FLUX\.1-dev.*hf download.*'transformer/"):
+        MaskDiffusion.from_pretrained("black-forest-labs/FLUX.1-dev", device="cpu", local_files_only=True)
