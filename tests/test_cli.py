@@ -240,3 +240,33 @@ def test_words_the_bundled_model_never_saw_are_named(images, tmp_path, capsys):
     assert main([*args, "--classes", "grass, brick wall|wall, star", "--out", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "img0.json").read_text())["warnings"] == []
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate"])
+def test_every_preset_flags_help_says_the_presets_own_defaults(command):
+    """The help of a preset field's flag names what each named preset uses (not "default 0" where t = 250)."""
+    from maskdiffusion.cli import build_parser
+    from maskdiffusion.commands.options import PRESET_FLAGS
+    from maskdiffusion.presets import PRESETS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    helps = {action.dest: " ".join(action.help.split()) for action in sub._actions if action.help}
+    for field in PRESET_FLAGS:
+        text = helps[field]
+        if field == "size":
+            assert "default: the model's native size" in text
+            continue
+        values = {}
+        for name, preset in PRESETS.items():
+            value = getattr(preset, field)
+            values[name] = (
+                "off" if value in (None, ()) else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            )
+        if len(set(values.values())) == 1:
+            assert f"default: the preset's ({values['default']};" in text, (field, text)
+        else:
+            for name, value in values.items():
+                assert f"{name}: {value}" in text, (field, name, text)
+    assert "default: 250" in helps["timestep"] and "reference: 0" in helps["timestep"]
+    assert "default: 10" in helps["refine_steps"]

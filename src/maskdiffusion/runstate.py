@@ -50,12 +50,12 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     """Human-readable ``key: saved -> now`` lines for every differing leaf."""
     if isinstance(saved, dict) and isinstance(current, dict):
         lines = []
         for key in sorted(set(saved) | set(current)):
-            lines += _differences(saved.get(key, "<absent>"), current.get(key, "<absent>"), f"{prefix}{key}.")
+            lines += differences(saved.get(key, "<absent>"), current.get(key, "<absent>"), f"{prefix}{key}.")
         return lines
     if saved == current:
         return []
@@ -88,7 +88,7 @@ def prepare_run_dir(out_dir: Path, settings: dict[str, Any], world_size: int) ->
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise RunDirError(f"{run_file} is damaged ({error!r}); give --out a new folder") from None
     if saved_print != record["fingerprint"]:
-        changes = "\n".join(f"  {line}" for line in _differences(saved_settings, settings)) or "  (fingerprint only)"
+        changes = "\n".join(f"  {line}" for line in differences(saved_settings, settings)) or "  (fingerprint only)"
         raise RunDirError(
             f"{out_dir} holds an evaluation run with other settings, which cannot be mixed with this one:\n"
             f"{changes}\nResume it with its own settings, or give --out a new folder."

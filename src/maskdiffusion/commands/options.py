@@ -127,8 +127,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
     )
 
 
+def preset_default(field: str) -> str:
+    """``"default: the preset's (default: X, attention-only: Y, reference: Z)"``, from :data:`PRESETS` itself, so
+    the help never says a value the presets do not use; a model's family or folder may change them."""
+
+    def shown(value) -> str:
+        if value is None or value == ():
+            return "off"
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    values = {name: shown(getattr(preset, field)) for name, preset in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        listed = values["default"]
+    else:
+        listed = ", ".join(f"{name}: {value}" for name, value in values.items())
+    return f"default: the preset's ({listed}; a model's family may set its own)"
+
+
 def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that override fields of the chosen preset."""
+    """Flags that override fields of the chosen preset; each help says the presets' own values."""
     parser.add_argument(
         "--preset",
         default="default",
@@ -140,53 +157,61 @@ def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
         "--size",
         type=int,
         help="view short side in pixels, a multiple of the model's block size (64 for SD's UNets, 16 for the "
-        "transformers; default: the model's native size)",
+        "transformers); default: the model's native size (512 for SD 1.5, 1024 for SDXL, SD3, FLUX, PixArt-Σ)",
     )
     parser.add_argument(
         "--timestep",
         type=int,
-        help="noise level of the pass, an index into the model's training schedule (0 = the clean image; default: "
-        "the preset's)",
+        help="noise level of the pass, an index into the model's training schedule (0 = the clean image); "
+        + preset_default("timestep"),
     )
     parser.add_argument(
         "--class-maps",
         choices=["attention", "concept"],
-        help="attention weights, or concept outputs (SD3, FLUX: ConceptAttention, their default); "
-        "default: the preset's",
+        help="attention weights, or concept outputs (SD3, FLUX: ConceptAttention, their families' default); "
+        + preset_default("class_maps"),
     )
     parser.add_argument(
         "--attention-blocks",
         type=block_list,
         metavar="I,J,...|auto",
-        help="transformer blocks whose attention gives the class maps (default: the preset's, 'auto' = the model's)",
+        help="transformer blocks whose attention gives the class maps ('auto' = the model's choice); "
+        + preset_default("attention_blocks"),
     )
     parser.add_argument(
         "--feature-blocks",
         type=block_list,
         metavar="I,J,...|auto",
-        help="blocks whose outputs are the features: a UNet's up blocks, a transformer's blocks "
-        "(default: the preset's)",
+        help="blocks whose outputs are the features: a UNet's up blocks, a transformer's blocks; "
+        + preset_default("feature_blocks"),
     )
     parser.add_argument(
         "--attention-mode",
         choices=["exp", "softmax"],
-        help="cross-attention as exp(QK^T*scale), the paper's choice, or softmax probabilities over the prompt "
-        "(default: the preset's)",
+        help="cross-attention as exp(QK^T*scale), the paper's choice, or softmax probabilities over the prompt; "
+        + preset_default("attention_mode"),
     )
     parser.add_argument(
         "--background-threshold",
         type=float,
         help="pixels whose best class score is under it get no class (255 in label PNGs); scores are cosines in "
-        "[-1, 1] (the reference preset's dot products are unbounded); default: off",
+        "[-1, 1], EM posteriors in [0, 1] (the reference preset's dot products are unbounded); "
+        + preset_default("background_threshold"),
     )
     parser.add_argument(
         "--background-words",
         type=background_words,
         metavar="WORDS|sclip",
         help="comma-separated words for what is none of the classes, each scored as a class and its pixels made "
-        "background (on VOC21 / Context60 / COCO-Object: class 0); 'sclip' = SCLIP's 26 words; default: none",
+        "background (on VOC21 / Context60 / COCO-Object: class 0); 'sclip' = SCLIP's 26 words; "
+        + preset_default("background_words"),
     )
-    parser.add_argument("--refine-steps", type=int, help="prototype refinement rounds (default 0)")
+    parser.add_argument(
+        "--refine-steps",
+        type=int,
+        help="refinement rounds of the mask head (EM or hard prototypes, as the preset's refinement says); "
+        + preset_default("refine_steps"),
+    )
 
 
 # Preset fields with a flag of the same name.
