@@ -195,3 +195,61 @@ def test_missing_inputs_are_refused_before_the_model_is_loaded(tmp_path, capsys,
     assert segment(str(tmp_path / "nowhere"), f"@{tmp_path / 'none.txt'}", *RUN, "--out", str(tmp_path / "o")) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "list file" in err and "nothing to segment" in err
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return build_tree(tmp_path_factory.mktemp("small") / "photos", count=12)
+
+
+@pytest.fixture(scope="module")
+def small_png(small, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The png run's label maps of the small tree: name -> (H, W) labels (-1 = background)."""
+    out = tmp_path_factory.mktemp("small-png") / "out"
+    segment(str(small), *RUN, "--out", str(out))
+    maps = {}
+    for path in sorted(out.rglob("*.labels.png")):
+        values = np.asarray(Image.open(path)).astype(np.int64)
+        maps[path.relative_to(out).as_posix().removesuffix(".labels.png")] = np.where(values == 255, -1, values)
+    return maps
+
+
+def test_coco_output_decodes_back_to_the_label_maps_and_two_workers_write_the_same_bytes(small, small_png, tmp_path):
+    from pycocotools import mask
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert segment(str(small), *RUN, "--out", str(one), "--format", "coco") == 1
+    assert segment(str(small), *RUN, "--out", str(two), "--format", "coco", "--num-processes", "2") == 1
+    assert (one / "annotations.json").read_bytes() == (two / "annotations.json").read_bytes()
+    coco = json.loads((one / "annotations.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["sky", "road", "traffic light"]
+    by_image = {image["id"]: image for image in coco["images"]}
+    assert len(by_image) == len(small_png) == 12
+    decoded = {image["file_name"]: np.full((image["height"], image["width"]), -1) for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        image = by_image[annotation["image_id"]]
+        decoded[image["file_name"]][mask.decode(annotation["segmentation"]).astype(bool)] = (
+            annotation["category_id"] - 1
+        )
+    for file_name, labels in decoded.items():
+        name = Path(file_name).relative_to(small).as_posix().removesuffix(".png")
+        np.testing.assert_array_equal(labels, small_png[name])
+    assert not list(one.rglob("*.labels.png"))  # coco writes its one file, not the per-image PNGs
+
+
+def test_cvat_output_parses_back_to_the_label_maps(small, small_png, tmp_path):
+    out = tmp_path / "cvat"
+    assert segment(str(small), *RUN, "--out", str(out), "--format", "cvat") == 1
+    lines = (out / "labelmap.txt").read_text().splitlines()
+    assert lines[0].startswith("# label:color_rgb") and lines[1] == "background:0,0,0::"
+    colours = {}
+    for index, line in enumerate(lines[1:]):
+        _, rgb, _, _ = line.split(":")
+        colours[tuple(int(v) for v in rgb.split(","))] = index - 1  # background -> -1
+    assert [line.split(":")[0] for line in lines[2:]] == ["sky", "road", "traffic light"]
+    listed = (out / "ImageSets" / "Segmentation" / "default.txt").read_text().split()
+    assert listed == sorted(small_png)  # the done images, in listing order
+    for name in listed:
+        pixels = np.asarray(Image.open(out / "SegmentationClass" / f"{name}.png").convert("RGB"))
+        labels = np.vectorize(lambda r, g, b: colours[(r, g, b)])(pixels[..., 0], pixels[..., 1], pixels[..., 2])
+        np.testing.assert_array_equal(labels, small_png[name])
