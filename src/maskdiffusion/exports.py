@@ -171,7 +171,8 @@ _PART_BITS = 16  # finish packs (byte offset, part index) into one int
 _PART_MASK = (1 << _PART_BITS) - 1
 
 
-def _mask_api():
+def coco_mask_api():
+    """pycocotools' mask module, or an ImportError that says how to install it."""
     try:
         from pycocotools import mask
     except ImportError:  # pragma: no cover - depends on the installation
@@ -186,7 +187,7 @@ def coco_annotations(labels: np.ndarray, classes: int) -> list[dict]:
 
     ``category_id`` is the class index + 1; background (-1) gets none.
     """
-    mask_api = _mask_api()
+    mask_api = coco_mask_api()
     counts = np.bincount(labels.ravel() + 1, minlength=classes + 1)[1:]
     annotations = []
     for c in np.flatnonzero(counts).tolist():
@@ -260,7 +261,7 @@ class CocoExport(Export):
 
     def __init__(self, out: Path, classes: Sequence[ClassName], *, rank: int = 0, world_size: int = 1):
         super().__init__(out, classes, rank=rank, world_size=world_size)
-        _mask_api()  # fail before the first image, not after it
+        coco_mask_api()  # fail before the first image, not after it
         self.parts = self.out.joinpath(*COCO_PARTS.parts)
         self.part = self.parts / f"part-{rank}-of-{world_size}.jsonl"
         self._done: set[str] | None = None  # read on the first done() call: a run that never asks skips the scan
