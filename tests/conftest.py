@@ -105,3 +105,23 @@ def hub_cached(tmp_path, monkeypatch, tiny_family_model):
         return snapshot
 
     return place
+
+
+@pytest.fixture(scope="module")
+def segmenter_of(tiny_family_model):
+    """``segmenter_of(family)``: ``MaskDiffusion.from_pretrained(folder, device="cpu")``, once per family and module."""
+    import functools
+
+    from maskdiffusion import MaskDiffusion
+
+    return functools.cache(lambda family: MaskDiffusion.from_pretrained(str(tiny_family_model(family)), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def pipe_of(tiny_family_model):
+    """``pipe_of(family)``: the folder loaded by diffusers' ``DiffusionPipeline``, once per family and module."""
+    import functools
+
+    from diffusers import DiffusionPipeline
+
+    return functools.cache(lambda family: DiffusionPipeline.from_pretrained(tiny_family_model(family)))

@@ -7,7 +7,6 @@ can be read from a folder's name; each is built once per session and loaded once
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from folder_data import folder_dataset
 from PIL import Image
+from scenes import scene, sky_and_sand_dataset
 
 from maskdiffusion import MaskDiffusion, cli
 from maskdiffusion.families import TURBO_TIMESTEP
@@ -43,29 +42,6 @@ CLASSES = ["sky", "traffic light", "sand|beach"]
 
 def test_every_tiny_family_is_covered():
     assert set(EXPECTED) == set(TINY_FAMILIES)
-
-
-@pytest.fixture(scope="module")
-def segmenter_of(tiny_family_model):
-    """``segmenter_of(family)``: ``MaskDiffusion.from_pretrained(folder, device="cpu")``, once per family."""
-    return functools.cache(lambda family: MaskDiffusion.from_pretrained(str(tiny_family_model(family)), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def pipe_of(tiny_family_model):
-    """``pipe_of(family)``: the folder loaded by diffusers' ``DiffusionPipeline``, once per family."""
-    from diffusers import DiffusionPipeline
-
-    return functools.cache(lambda family: DiffusionPipeline.from_pretrained(tiny_family_model(family)))
-
-
-def scene(height: int = 64, width: int = 96) -> np.ndarray:
-    """Sky over sand, with noise: an image whose two halves differ."""
-    rng = np.random.default_rng(0)
-    image = np.empty((height, width, 3), np.int64)
-    image[: height // 2] = (100, 160, 250)
-    image[height // 2 :] = (220, 200, 140)
-    return np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
 
 
 def as_written(result) -> dict:
@@ -114,14 +90,7 @@ def test_cli_segments_every_family_with_no_layer_flags_and_writes_the_layers_use
 
 @pytest.fixture(scope="module")
 def sky_and_sand(tmp_path_factory) -> Path:
-    """A `folder` data set of two small images (sky over sand) and their labels."""
-    root = folder_dataset(tmp_path_factory.mktemp("data") / "beach")
-    for name, (height, width) in {"a": (64, 96), "b": (48, 64)}.items():
-        label = np.zeros((height, width), np.uint8)
-        label[height // 2 :] = 1
-        Image.fromarray(scene(height, width)).save(root / "images" / f"{name}.png")
-        Image.fromarray(label).save(root / "labels" / f"{name}.png")
-    return root
+    return sky_and_sand_dataset(tmp_path_factory.mktemp("data") / "beach")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,6 @@ test_backbone_conformance.py.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -18,8 +17,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from folder_data import folder_dataset
 from PIL import Image
+from scenes import scene, sky_and_sand_dataset
 
 from maskdiffusion import MaskDiffusion, cli, web
 from maskdiffusion.families import FAMILIES
@@ -49,26 +48,6 @@ PIPELINES = {
 
 def test_every_tiny_transformer_family_is_covered():
     assert set(EXPECTED) == set(TRANSFORMER_FAMILIES)
-
-
-@pytest.fixture(scope="module")
-def segmenter_of(tiny_family_model):
-    return functools.cache(lambda family: MaskDiffusion.from_pretrained(str(tiny_family_model(family)), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def pipe_of(tiny_family_model):
-    from diffusers import DiffusionPipeline
-
-    return functools.cache(lambda family: DiffusionPipeline.from_pretrained(tiny_family_model(family)))
-
-
-def scene(height: int = 64, width: int = 96) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    image = np.empty((height, width, 3), np.int64)
-    image[: height // 2] = (100, 160, 250)
-    image[height // 2 :] = (220, 200, 140)
-    return np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
 
 
 def assert_recorded(settings: dict, family: str) -> None:
@@ -149,13 +128,7 @@ def test_cli_segments_with_no_layer_flags_and_writes_the_layers_and_map_kind(fam
 
 @pytest.fixture(scope="module")
 def sky_and_sand(tmp_path_factory):
-    root = folder_dataset(tmp_path_factory.mktemp("data") / "beach")
-    for name, (height, width) in {"a": (64, 96), "b": (48, 64)}.items():
-        label = np.zeros((height, width), np.uint8)
-        label[height // 2 :] = 1
-        Image.fromarray(scene(height, width)).save(root / "images" / f"{name}.png")
-        Image.fromarray(label).save(root / "labels" / f"{name}.png")
-    return root
+    return sky_and_sand_dataset(tmp_path_factory.mktemp("data") / "beach")
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -40,7 +40,7 @@ from .exports import EXPORTS, Export
 from .inputs import STATE_FOLDER, Input, Problem, list_inputs
 from .presets import Preset
 from .prompts import ClassName
-from .runstate import RunDirError, canonical, differences, fingerprint
+from .runstate import RunDirError, canonical, changed_settings, fingerprint, saved_run
 
 PROGRESS_SECONDS = 1.0  # a worker writes its counts at most this often
 
@@ -115,13 +115,8 @@ def prepare(out: Path, settings: dict[str, Any], *, overwrite: bool) -> None:
     run_file = state(out) / "run.json"
     record = {"fingerprint": fingerprint(settings), "settings": settings}
     if run_file.is_file() and not overwrite:
-        try:
-            saved = json.loads(run_file.read_text(encoding="utf-8"))
-            saved_settings, saved_print = saved["settings"], saved["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunDirError(f"{run_file} is damaged ({error!r}): pass --overwrite to start fresh") from None
-        if saved_print != record["fingerprint"]:
-            changes = "\n".join(f"  {line}" for line in differences(saved_settings, settings)) or "  (fingerprint)"
+        changes = changed_settings(saved_run(run_file, "pass --overwrite to start fresh"), record)
+        if changes:
             raise RunDirError(
                 f"--out {str(out)!r} holds a segmentation run with other settings:\n{changes}\n"
                 "Rerun with its settings to finish it, pass --overwrite to start fresh (every image is written "

@@ -388,14 +388,10 @@ class MaskDiffusion:
         attention, features, self_attention = average.mean()
         if self_attention is not None:
             finest = min(preset.self_attention_factors)
-            view = self._view_pixels(latents)
+            view = self.backbone.view(latents)
             grid = (view[0] // finest, view[1] // finest)
             attention = propagate(attention, self_attention, grid, preset.propagation_steps)
         return attention.cpu(), features.cpu()
-
-    def _view_pixels(self, latents: torch.Tensor) -> tuple[int, int]:
-        """``(height, width)`` in pixels of the views whose latents are ``latents``."""
-        return latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor
 
     def _finish(self, item: _Pending, call: _Call) -> Result:
         """Stitch an image's views and run the mask head: the image's :class:`Result`."""

@@ -63,6 +63,25 @@ def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: {shown[0]} (in RUN_DIR) vs {shown[1]} (now)"]
 
 
+def saved_run(run_file: Path, fresh: str) -> dict[str, Any]:
+    """The record a run folder's ``run.json`` holds; :class:`RunDirError` saying ``fresh`` (how to start
+    anew) when it cannot be read."""
+    try:
+        saved = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not {"settings", "fingerprint"} <= saved.keys():
+            raise ValueError("no settings and fingerprint in it")
+    except (OSError, ValueError) as error:
+        raise RunDirError(f"{run_file} is damaged ({error!r}); {fresh}") from None
+    return saved
+
+
+def changed_settings(saved: dict[str, Any], record: dict[str, Any]) -> str:
+    """``key: saved vs now`` lines, indented, where ``record``'s settings differ from ``saved``'s ("" if none)."""
+    if saved["fingerprint"] == record["fingerprint"]:
+        return ""
+    return "\n".join(f"  {line}" for line in differences(saved["settings"], record["settings"])) or "  (fingerprint)"
+
+
 def prepare_run_dir(out_dir: Path, settings: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Create ``out_dir/run.json`` for a new run, or check that it holds the same run.
 
@@ -82,13 +101,9 @@ def prepare_run_dir(out_dir: Path, settings: dict[str, Any], world_size: int) ->
             )
         files.write_json(run_file, record)
         return record
-    try:
-        saved = json.loads(run_file.read_text(encoding="utf-8"))
-        saved_settings, saved_print = saved["settings"], saved["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise RunDirError(f"{run_file} is damaged ({error!r}); give --out a new folder") from None
-    if saved_print != record["fingerprint"]:
-        changes = "\n".join(f"  {line}" for line in differences(saved_settings, settings)) or "  (fingerprint only)"
+    saved = saved_run(run_file, "give --out a new folder")
+    changes = changed_settings(saved, record)
+    if changes:
         raise RunDirError(
             f"{out_dir} holds an evaluation run with other settings, which cannot be mixed with this one:\n"
             f"{changes}\nResume it with its own settings, or give --out a new folder."

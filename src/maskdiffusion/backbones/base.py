@@ -89,6 +89,10 @@ class Backbone(ABC):
     def tokenizers(self) -> list[object]:
         return [t for t in (getattr(self, name) for name in self.tokenizer_parts) if t is not None]
 
+    def view(self, latents: torch.Tensor) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the views whose latents are ``latents`` ``(..., h, w)``."""
+        return latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """The backbone's torch modules by part name (denoiser and text encoders)."""
         return {n: m for n in self.parts if isinstance(m := getattr(self, n), torch.nn.Module)}

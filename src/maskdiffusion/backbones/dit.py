@@ -104,7 +104,7 @@ class PixArtBackbone(TransformerBackbone):
         hooks installed; with ``stop_early=False`` it runs to the end and keeps the model's output."""
         views, prompts = latents.shape[0], len(text)
         dtype = self.transformer.dtype
-        view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        view = self.view(latents)
         batch_text = text.batch(prompts, views, dtype)
         inputs = per_prompt(latents, prompts, dtype, precision)
         store = CaptureStore.for_view(view, preset)

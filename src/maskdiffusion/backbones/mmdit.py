@@ -283,7 +283,7 @@ class MMDiTBackbone(TransformerBackbone):
             check_blocks(preset.attention_blocks, len(self.joint_blocks), "attention_blocks", joint)
 
     def noise(self, latents: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
-        view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        view = self.view(latents)
         return self.schedule.noise(latents, self.schedule.sigma(timestep, self.tokens(view)), seed)
 
     def class_weights(self, batches: Sequence[PromptBatch], preset: Preset, words: str) -> torch.Tensor:
@@ -326,7 +326,7 @@ class MMDiTBackbone(TransformerBackbone):
         hooks installed; with ``stop_early=False`` it runs to the end and keeps the model's output."""
         views, prompts = latents.shape[0], len(text)
         dtype = self.transformer.dtype
-        view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        view = self.view(latents)
         kwargs, grid = self.forward_inputs(
             per_prompt(latents, prompts, dtype, precision),
             self.schedule.sigma(timestep, self.tokens(view)),

@@ -113,7 +113,7 @@ class TransformerBackbone(Backbone):
     ) -> PassSignals:
         views, prompts = latents.shape[0], len(text)
         captured = self.capture(latents, timestep, text, preset, precision)
-        view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        view = self.view(latents)
         grid = (view[0] // preset.feature_factor, view[1] // preset.feature_factor)
         attention = captured.store.layer_mean()
         return PassSignals(

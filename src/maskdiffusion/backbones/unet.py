@@ -303,7 +303,7 @@ class UNetBackbone(Backbone):
         shared = preset.long_vocabulary == "shared-queries" and prompts > 1
         passes = 1 if shared else prompts
         batch_text = text.batch(passes, views, self.unet.dtype)
-        view = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        view = self.view(latents)
         store, _ = UNetCapture(self.unet, self.vae_factor, preset).run(
             per_prompt(latents, passes, self.unet.dtype, precision),
             timestep,
