@@ -421,3 +421,15 @@ def test_an_uncached_transformer_offline_says_which_files_to_download(tmp_path, 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match=r"(?s)black-forest-labs/FLUX\.1-dev.*hf download.*'transformer/"):
         MaskDiffusion.from_pretrained("black-forest-labs/FLUX.1-dev", device="cpu", local_files_only=True)
+
+
+def test_a_clip_tokenizer_saved_without_its_context_length_still_gives_77_token_prompts(tiny_family_model, tmp_path):
+    folder = shutil.copytree(tiny_family_model("sd3"), tmp_path / "model")
+    for part in ("tokenizer", "tokenizer_2"):
+        config_file = folder / part / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 10**30}))
+    seg = MaskDiffusion.from_pretrained(str(folder), device="cpu")
+    assert seg.tokenizer.model_max_length == 10**30
+    batches = seg.build_prompts(parse_classes(CLASSES), " and ")
+    assert [batch.input_ids.shape[1] for batch in batches] == [77, 77, 256]  # the encoders' 77 positions, T5's 256
+    assert seg(scene(), classes=CLASSES).labels.shape == (64, 96)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .prompts import ClassName, PromptBatch, VocabularyError, pack_prompts
+from .prompts import CLIP_CONTEXT, ClassName, PromptBatch, VocabularyError, pack_prompts
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,13 @@ def build_prompt_batches(
                 "cannot be read exactly: spell it with other words"
             )
     return batches
+
+
+def clip_length(tokenizer, encoder: torch.nn.Module) -> int:
+    """Ids per CLIP prompt: the tokenizer's context, never past the encoder's position embeddings (a
+    tokenizer saved without ``model_max_length`` says 10^30)."""
+    positions = int(getattr(encoder.config, "max_position_embeddings", CLIP_CONTEXT))
+    return min(int(tokenizer.model_max_length), positions)
 
 
 def clip_hidden_and_pooled(encoder: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

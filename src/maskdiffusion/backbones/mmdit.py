@@ -52,7 +52,7 @@ from ..capture import CaptureStore, PassComplete, installed
 from ..precision import Precision
 from ..presets import Preset
 from ..prompts import ClassName, PromptBatch
-from ..text import TextConditioning, build_prompt_batches, clip_hidden_and_pooled, t5_hidden
+from ..text import TextConditioning, build_prompt_batches, clip_hidden_and_pooled, clip_length, t5_hidden
 from .base import Part, TransformerPass, block_hooks, check_blocks, concatenated_weights, per_prompt
 from .noise import FlowSchedule
 from .transformer import TransformerBackbone
@@ -403,7 +403,8 @@ class SD3Backbone(MMDiTBackbone):
 
     def prompts(self, vocabulary: Sequence[ClassName], separator: str) -> list[PromptBatch]:
         tokenizers = [self.tokenizer, self.tokenizer_2, *([self.tokenizer_3] if self._t5 else [])]
-        lengths = [None, None, self.text_length][: len(tokenizers)]
+        lengths = [clip_length(self.tokenizer, self.text_encoder), clip_length(self.tokenizer_2, self.text_encoder_2)]
+        lengths = [*lengths, self.text_length][: len(tokenizers)]
         return build_prompt_batches(tokenizers, vocabulary, separator, lengths=lengths, groups=[0, 0, 1])
 
     def encode(self, batches: Sequence[PromptBatch], device: torch.device) -> TextConditioning:
@@ -465,7 +466,11 @@ class FluxBackbone(MMDiTBackbone):
 
     def encode(self, batches: Sequence[PromptBatch], device: torch.device) -> TextConditioning:
         clip_ids = self.tokenizer(
-            list(batches[0].texts), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            list(batches[0].texts),
+            padding="max_length",
+            max_length=clip_length(self.tokenizer, self.text_encoder),
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         pooled = self.text_encoder(clip_ids.to(device)).pooler_output
         hidden = t5_hidden(self.text_encoder_2, batches[0].input_ids.to(device))

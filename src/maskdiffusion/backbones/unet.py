@@ -23,7 +23,7 @@ from ..capture import CaptureProcessor, CaptureStore, PassComplete, features_on_
 from ..precision import Precision
 from ..presets import AUTO, Preset
 from ..prompts import ClassName, PromptBatch
-from ..text import TextConditioning, build_prompt_batches, encode_clip
+from ..text import TextConditioning, build_prompt_batches, clip_length, encode_clip
 from .base import Backbone, Part, PassSignals, check_unsupported, mean_over_prompts, per_prompt
 from .noise import DDPMSchedule
 
@@ -282,7 +282,8 @@ class UNetBackbone(Backbone):
         return self.schedule.level(timestep, 0)
 
     def prompts(self, vocabulary: Sequence[ClassName], separator: str) -> list[PromptBatch]:
-        return build_prompt_batches(self.tokenizers, vocabulary, separator)
+        pairs = zip(self.tokenizers, self.text_encoders, strict=True)
+        return build_prompt_batches(self.tokenizers, vocabulary, separator, lengths=[clip_length(*p) for p in pairs])
 
     def encode(self, batches: Sequence[PromptBatch], device: torch.device) -> TextConditioning:
         return encode_clip(self.text_encoders, batches, device)
