@@ -10,7 +10,7 @@ one pass through the same images measures where a worker's time goes: listing th
 the outputs (``Export.write``: labels PNG, overlay PNG, JSON). The overhead ratio is (listing +
 writing) / model.
 
-    python benchmarks/segment_folder.py [--images 400] [--out benchmarks/results]
+    python benchmarks/segment_folder.py [--images 2000] [--out benchmarks/results]
 
 Writes ``benchmarks/results/segment-folder-cpu.md``.
 """
@@ -131,7 +131,7 @@ def report(count: int, single: float, double: float, load: float, split: dict[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=400, help="scenes in the folder (default 400)")
+    parser.add_argument("--images", type=int, default=2000, help="scenes in the folder (default 2000)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results")), help="where the table goes")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="segment-folder-") as work:
