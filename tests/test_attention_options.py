@@ -337,7 +337,7 @@ def test_options_work_with_both_long_vocabulary_modes(segmenter, rng, option):
         ({"ensemble_timesteps": 300}, r"ensemble_timesteps must be a list"),
         ({"noise_samples": 0}, r"noise_samples must be a whole number from 1 to 16, got 0"),
         ({"noise_samples": 2.0}, r"noise_samples must be a whole number"),
-        ({"ensemble_timesteps": (1, 2, 3), "noise_samples": 5}, r"ask for 20 UNet passes per view; at most 16"),
+        ({"ensemble_timesteps": (1, 2, 3), "noise_samples": 5}, r"ask for 20 passes per view; at most 16"),
         ({"seed": 2**64 - 1, "noise_samples": 2}, r"noise_samples must be at most 1 with seed"),
     ],
 )
