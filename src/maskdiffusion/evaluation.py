@@ -258,6 +258,7 @@ class Evaluation:
             "preset": self.preset.to_dict(),
             "model": self.segmenter.model_id,
             "family": self.segmenter.family.name,
+            "encoder": self.segmenter.encoder_id,
             "noise": self.segmenter.noise_levels(self.preset),
             "dtype": str(self.segmenter.dtype).removeprefix("torch."),
             "images_per_batch": self.group_size,

@@ -37,6 +37,8 @@ class Family:
             pipeline); ``None`` for CLIP-only models (77).
         changes: preset fields the family sets in every named preset besides ``size``.
         preset_changes: fields it sets in one named preset only (preset name -> fields).
+        tiny_encoder: the hub id of the tiny autoencoder (TAESD family, ``AutoencoderTiny``) whose
+            latents live in this family's latent space, for ``encoder="tiny"``.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Family:
     text_length: int | None = None
     changes: Mapping[str, Any] = field(default_factory=dict)
     preset_changes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tiny_encoder: str = "madebyollin/taesd"
 
 
 # Turbo checkpoints (adversarial diffusion distillation) are trained to denoise in 1-4 steps
@@ -64,6 +67,9 @@ CONCEPT = {"default": {"class_maps": "concept"}, "attention-only": {"class_maps"
 # matching: x_s = (1 - s) x_0 + s e with s = 0.410, i.e. t = 1000 u for the scheduler's shift
 # s = shift u / (1 + (shift - 1) u); FLUX-dev shifts by its 1024-view token count, mu = 1.15;
 # PixArt's DDPM schedule has the same ratio at t = 194). Not measured: no weights can be here.
+# Tiny autoencoders (TAESD, madebyollin) trained into each VAE's latent space, for encoder="tiny"
+TAESDXL, TAEF1 = "madebyollin/taesdxl", "madebyollin/taef1"
+
 SD3_TIMESTEP, FLUX_DEV_TIMESTEP, FLUX_SCHNELL_TIMESTEP, PIXART_TIMESTEP = 188, 181, 410, 194
 
 FAMILIES: dict[str, Family] = {
@@ -72,7 +78,12 @@ FAMILIES: dict[str, Family] = {
         Family("sd1", "Stable Diffusion 1.x, 512 (CompVis/stable-diffusion-v1-4, stable-diffusion-v1-5/...)"),
         Family("sd2", "Stable Diffusion 2.x base, 512 (stabilityai/stable-diffusion-2-1-base)"),
         Family("sd2-v", "v-prediction models: Stable Diffusion 2.x, 768 (stabilityai/stable-diffusion-2-1)"),
-        Family("sdxl", "Stable Diffusion XL, 1024 (stabilityai/stable-diffusion-xl-base-1.0)", text_encoders=2),
+        Family(
+            "sdxl",
+            "Stable Diffusion XL, 1024 (stabilityai/stable-diffusion-xl-base-1.0)",
+            text_encoders=2,
+            tiny_encoder=TAESDXL,
+        ),
         Family("distilled", "block-removed distilled UNets without a mid block, 512 (nota-ai/bk-sdm-small)"),
         Family("sd-turbo", "SD-Turbo, 512 (stabilityai/sd-turbo)", changes={"timestep": TURBO_TIMESTEP}),
         Family(
@@ -80,6 +91,7 @@ FAMILIES: dict[str, Family] = {
             "SDXL-Turbo, 512 (stabilityai/sdxl-turbo)",
             text_encoders=2,
             changes={"timestep": TURBO_TIMESTEP},
+            tiny_encoder=TAESDXL,
         ),
         Family(
             "sd3",
@@ -88,6 +100,7 @@ FAMILIES: dict[str, Family] = {
             text_length=256,
             changes={**TRANSFORMER, "timestep": SD3_TIMESTEP},
             preset_changes=CONCEPT,
+            tiny_encoder="madebyollin/taesd3",
         ),
         Family(
             "sd3.5",
@@ -97,6 +110,7 @@ FAMILIES: dict[str, Family] = {
             text_length=256,
             changes={**TRANSFORMER, "timestep": SD3_TIMESTEP},
             preset_changes=CONCEPT,
+            tiny_encoder="madebyollin/taesd3",
         ),
         Family(
             "flux-dev",
@@ -105,6 +119,7 @@ FAMILIES: dict[str, Family] = {
             text_length=512,
             changes={**TRANSFORMER, "timestep": FLUX_DEV_TIMESTEP},
             preset_changes=CONCEPT,
+            tiny_encoder=TAEF1,
         ),
         Family(
             "flux-schnell",
@@ -113,6 +128,7 @@ FAMILIES: dict[str, Family] = {
             text_length=256,
             changes={**TRANSFORMER, "timestep": FLUX_SCHNELL_TIMESTEP},
             preset_changes=CONCEPT,
+            tiny_encoder=TAEF1,
         ),
         Family(
             "pixart-sigma",
@@ -120,6 +136,7 @@ FAMILIES: dict[str, Family] = {
             architecture="pixart",
             text_length=300,
             changes={**TRANSFORMER, "timestep": PIXART_TIMESTEP},
+            tiny_encoder=TAESDXL,  # PixArt-Σ's VAE is SDXL's
         ),
     )
 }

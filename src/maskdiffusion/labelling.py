@@ -99,6 +99,7 @@ def manifest(segmenter, preset: Preset, vocabulary: Sequence[ClassName], export:
         {
             "model": segmenter.model_id,
             "family": segmenter.family.name,
+            "encoder": segmenter.encoder_id,
             "dtype": str(segmenter.dtype).removeprefix("torch."),
             "preset": preset.to_dict(),
             "classes": [{"name": c.name, "words": list(c.synonyms)} for c in vocabulary],

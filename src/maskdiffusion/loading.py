@@ -226,7 +226,8 @@ class Components:
     """The frozen models (on one device, in eval mode, gradients off when loaded from a folder).
 
     ``backbone``: the denoiser, text encoders and tokenizers behind the architecture's seam;
-    ``folder``: where they were loaded from (``None`` for a pipeline already in memory).
+    ``folder``: where they were loaded from (``None`` for a pipeline already in memory);
+    ``encoder``: what encodes the views when it is not ``vae`` (``encoder_id`` names it).
     """
 
     vae: torch.nn.Module
@@ -235,6 +236,8 @@ class Components:
     folder: Path | None
     family: Family
     card: ModelCard = field(default_factory=ModelCard)
+    encoder: torch.nn.Module | None = None  # a tiny autoencoder that encodes the views instead of ``vae``
+    encoder_id: str = "full"
 
 
 def model_presets(
@@ -542,6 +545,75 @@ def components_from_pipe(pipe) -> Components:
         folder=None,
         family=family,
     )
+
+
+TINY_ENCODER_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def resolve_tiny_encoder(encoder: str, family: Family, *, local_files_only: bool | None = None) -> tuple[str, Path]:
+    """``(id, folder)`` of the tiny autoencoder ``encoder`` names: ``"tiny"`` (the family's own, e.g.
+    ``madebyollin/taesd``), a hub id (looked up in the local cache first) or a folder; safetensors only.
+
+    Raises :class:`ModelNotFoundError` saying what is missing and how to get it.
+    """
+    reference = family.tiny_encoder if encoder == "tiny" else encoder
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        folder = path
+    elif reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+        raise ModelNotFoundError(f"tiny encoder folder {shorten(reference)} does not exist (nor is it a hub id)")
+    else:
+        folder = _cached_or_downloaded(reference, TINY_ENCODER_FILES, local_files_only, what="tiny encoder")
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"tiny encoder folder {str(folder)!r} has no config.json (an AutoencoderTiny's)")
+    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f" (only {pickles[0]}, a pickle checkpoint: safetensors only)" if pickles else ""
+        raise ModelNotFoundError(
+            f"tiny encoder folder {str(folder)!r} has no diffusion_pytorch_model.safetensors{found}: "
+            f"hf download {reference} --include {' '.join(TINY_ENCODER_FILES)}"
+        )
+    return reference, folder
+
+
+def _cached_or_downloaded(repo: str, patterns: list[str], local_files_only: bool | None, *, what: str) -> Path:
+    """A small hub repository's folder: from the local cache, else downloaded (unless offline)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+        if all((folder / name).is_file() for name in patterns):
+            return folder
+    except Exception:  # not cached: fall through to the network
+        pass
+    how = f"download it once where there is internet: hf download {repo} --include {' '.join(patterns)}"
+    if bool(local_files_only) or constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(
+            f"{what} {shorten(repo)} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+            f"is offline: {how}, or pass a folder"
+        )
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, etag_timeout=float(constants.HF_HUB_ETAG_TIMEOUT)))
+    except Exception as error:
+        raise ModelNotFoundError(f"could not download {what} {shorten(repo)} ({_first_line(error)}): {how}") from None
+
+
+def load_tiny_encoder(folder: Path, *, device: torch.device, dtype: torch.dtype, vae) -> torch.nn.Module:
+    """An ``AutoencoderTiny`` from ``folder``, checked against the model's own VAE (its factor and latent
+    channels must be the VAE's, or its latents would not be the denoiser's)."""
+    from diffusers import AutoencoderTiny
+
+    tiny = _load_part(
+        folder, "tiny encoder", lambda: AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    )
+    factor = 2 ** (len(tiny.config.encoder_block_out_channels) - 1)
+    if factor != _vae_factor(vae) or tiny.config.latent_channels != vae.config.latent_channels:
+        raise ModelNotFoundError(
+            f"tiny encoder {str(folder)!r} makes {tiny.config.latent_channels}-channel latents at 1/{factor} of the "
+            f"image, the model's VAE {vae.config.latent_channels}-channel at 1/{_vae_factor(vae)}: use the tiny "
+            "encoder made for this model family (encoder='tiny')"
+        )
+    return tiny.to(device).eval().requires_grad_(False)
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

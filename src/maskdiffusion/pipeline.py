@@ -24,9 +24,11 @@ from .loading import (
     Components,
     components_from_pipe,
     load_components,
+    load_tiny_encoder,
     pick_device,
     pick_dtype,
     resolve_model_folder,
+    resolve_tiny_encoder,
 )
 from .mask_head import class_attention, segment_scores
 from .precision import Precision
@@ -161,6 +163,8 @@ class MaskDiffusion:
         precision: Precision | None = None,
     ):
         self.vae = components.vae
+        self.encoder = components.encoder or components.vae  # what encodes the views: the VAE or a tiny one
+        self.encoder_id = components.encoder_id
         self.backbone: Backbone = components.backbone
         for name in PART_NAMES:
             setattr(self, name, getattr(self.backbone, name, None))
@@ -195,6 +199,7 @@ class MaskDiffusion:
         local_files_only: bool | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
+        encoder: str = "full",
     ) -> MaskDiffusion:
         """Load a model of any family in :data:`~maskdiffusion.families.FAMILIES` (SD 1.x/2.x, SDXL,
         distilled, Turbo; SD3/3.5, FLUX.1 dev/schnell, PixArt-Σ): a hub id, a folder, ``toy`` or ``tiny-random``.
@@ -214,13 +219,23 @@ class MaskDiffusion:
             compile: wrap the VAE encoder and the denoiser's hook-free parts in ``torch.compile``
                 (the first call of every new shape compiles; labels equal the eager ones up
                 to near-ties).
+            encoder: what encodes the views: ``"full"``, the model's own VAE; ``"tiny"``, the
+                family's tiny autoencoder (``madebyollin/taesd``, ``taesdxl``, ``taesd3``, ``taef1``:
+                :attr:`Family.tiny_encoder <maskdiffusion.families.Family.tiny_encoder>`; cache-first
+                like models), or the hub id or folder of an ``AutoencoderTiny``. A tiny encoder costs
+                a fraction of the VAE encoder's FLOPs; what it costs in fidelity depends on the model.
         """
         device = pick_device(device)
         dtype = pick_dtype(dtype)
         folder = resolve_model_folder(model, local_files_only=local_files_only)
         precision = Precision.choose(device, dtype, channels_last=channels_last, compile=compile)
         components = load_components(folder, device=device, dtype=precision.weights, names=(model,))
-        precision.apply(components.vae, components.backbone)
+        if encoder != "full":
+            components.encoder_id, tiny = resolve_tiny_encoder(
+                encoder, components.family, local_files_only=local_files_only
+            )
+            components.encoder = load_tiny_encoder(tiny, device=device, dtype=precision.weights, vae=components.vae)
+        precision.apply(components.encoder or components.vae, components.backbone)
         return cls(
             components,
             model_id=model,
@@ -346,12 +361,18 @@ class MaskDiffusion:
 
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
-        """``(V, 3, S, S)`` pixels in [-1, 1] -> ``(V, c, S/f, S/f)`` clean latents (posterior mean)."""
-        pixels = self.precision.layout(views.to(self.device, self.vae.dtype))
+        """``(V, 3, S, S)`` pixels in [-1, 1] -> ``(V, c, S/f, S/f)`` clean latents in the denoiser's space.
+
+        The VAE's posterior mean, or a tiny autoencoder's latents; either way less its config's
+        ``shift_factor``, times its ``scaling_factor``, as diffusers' pipelines scale what their VAE
+        encodes (TAESD's own factors are 1 and 0: its latents are SD's scaled ones already).
+        """
+        pixels = self.precision.layout(views.to(self.device, self.encoder.dtype))
         with self._autocast():
-            posterior = self.vae.encode(pixels).latent_dist.mean
-        config = self.vae.config
-        return (posterior - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+            encoded = self.encoder.encode(pixels)
+        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        config = self.encoder.config
+        return (latents - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
 
     def noise_levels(self, preset: Preset, view: tuple[int, int] | None = None) -> list[dict]:
         """What each timestep of ``preset`` means in this model's own terms at views of ``view`` pixels (records)."""
@@ -430,6 +451,7 @@ class MaskDiffusion:
                 "batch_size": self.batch_size,
                 "family": self.family.name,
                 "backbone": self.backbone.kind,
+                "encoder": self.encoder_id,
                 "noise": call.noise,
             },
             features=features if call.keep_features else None,
@@ -467,7 +489,7 @@ class MaskDiffusion:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         vocabulary, preset = self.check_inputs(classes, preset)
-        with _evaluation_mode([self.vae, *self.backbone.modules().values()]):
+        with _evaluation_mode([self.encoder, *self.backbone.modules().values()]):
             return self._segment_batch(images, vocabulary, preset, errors, progress, keep_features, cancel)
 
     def _segment_batch(

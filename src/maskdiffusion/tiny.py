@@ -520,6 +520,33 @@ def build_tiny_model(folder: str | os.PathLike, *, seed: int = 0, family: str = 
     return folder
 
 
+def build_tiny_encoder(
+    folder: str | os.PathLike,
+    *,
+    latent_channels: int = 4,
+    scaling_factor: float = 1.0,
+    shift_factor: float = 0.0,
+    seed: int = 0,
+) -> Path:
+    """A tiny random ``AutoencoderTiny`` (TAESD's layout: factor 8, four encoder levels of 8 channels) saved by
+    its own ``save_pretrained``, for tests of ``encoder="tiny"``; TAESD's own factors are scaling 1, shift 0."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    encoder = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=latent_channels,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+    folder = Path(folder)
+    encoder.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def mark_random_weights(folder: Path) -> None:
     """Set ``"random_weights": true`` in the folder's ``maskdiffusion.json`` (created if absent; other keys kept)."""
     from .files import write_json

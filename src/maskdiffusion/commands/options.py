@@ -118,6 +118,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_model: str =
         help="model precision (default float32): weights stored in it, attention maps and mask head in float32; "
         "bfloat16 pays on CPUs with AMX / AVX512-BF16 and on GPUs",
     )
+    parser.add_argument(
+        "--encoder",
+        default="full",
+        metavar="full|tiny|HUB_ID_OR_DIR",
+        help="what encodes the views: the model's own VAE (full, default), the family's tiny autoencoder (tiny: "
+        "madebyollin/taesd, taesdxl, taesd3 or taef1; a fraction of the cost, for previews and bulk labelling), "
+        "or an AutoencoderTiny's hub id or folder",
+    )
     parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="views per denoiser batch (default 4)")
     parser.add_argument(
         "--compile",
@@ -256,6 +264,7 @@ def load_segmenter(args: argparse.Namespace):
         preset=getattr(args, "preset", None),
         limits=limits,
         compile=args.compile,
+        encoder=args.encoder,
     )
 
 
