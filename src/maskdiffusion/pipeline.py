@@ -31,6 +31,7 @@ from .loading import (
     resolve_tiny_encoder,
 )
 from .mask_head import class_attention, segment_scores
+from .pamr import refined_rows
 from .precision import Precision
 from .presets import Preset, resolve_preset
 from .prompts import ClassName, PromptBatch, background_classes, parse_classes
@@ -425,7 +426,7 @@ class MaskDiffusion:
         )
         head = segment_scores(features, resize_maps(attention, layout.grid_shape(preset.feature_factor)), preset)
         image = item.image
-        labels = _labels(head.scores, (image.height, image.width), preset.background_threshold, head.present)
+        labels = _labels(head.scores, image, preset, head.present)
         classes = len(call.vocabulary)
         labels[labels >= classes] = BACKGROUND  # won by a background word
         item.seconds += time.perf_counter() - start
@@ -608,14 +609,19 @@ def _evaluation_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
             module.training = True
 
 
-def _labels(scores: torch.Tensor, size: tuple[int, int], threshold: float | None, present: torch.Tensor) -> np.ndarray:
-    """``(H, W)`` int64 argmax over the ``present`` classes of the upsampled scores, a band of rows at a time."""
-    height = size[0]
-    labels = np.empty(size, dtype=np.int64)
+def _labels(scores: torch.Tensor, image: Image.Image, preset: Preset, present: torch.Tensor) -> np.ndarray:
+    """``(H, W)`` int64 argmax over the ``present`` classes of the scores upsampled to ``image`` (and refined on
+    it where the preset says), a band of rows at a time."""
+    height, width = image.height, image.width
+    labels = np.empty((height, width), dtype=np.int64)
+    threshold = preset.background_threshold
     for top in range(0, height, LABEL_ROWS):
         rows = slice(top, min(top + LABEL_ROWS, height))
-        band = upsample_rows(scores, size, rows).masked_fill(~present[:, None, None], -torch.inf)
-        best, label = band.max(dim=0)
+        if preset.refinement_on_image == "pamr":
+            band = refined_rows(scores, image, rows, preset.image_refine_steps, preset.image_refine_dilations)
+        else:
+            band = upsample_rows(scores, (height, width), rows)
+        best, label = band.masked_fill(~present[:, None, None], -torch.inf).max(dim=0)
         if threshold is not None:
             label = torch.where(best < threshold, BACKGROUND, label)
         labels[rows] = label.numpy()

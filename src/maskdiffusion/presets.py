@@ -27,6 +27,7 @@ Scoring = Literal["cosine", "dot", "poe", "attention"]
 Refinement = Literal["hard", "em"]
 LongVocabulary = Literal["batch", "shared-queries"]
 ClassMaps = Literal["attention", "concept"]
+ImageRefinement = Literal["none", "pamr"]
 Auto = Literal["auto"]
 AUTO = "auto"  # layer fields chosen from the model's own layout (MaskDiffusion resolves them)
 
@@ -42,6 +43,8 @@ POSTERIOR_RANGE = (0.0, 1.0)  # EM scores are class probabilities
 MAX_PASSES = 16  # denoiser passes per view of an ensemble: (1 + extra timesteps) x noise samples
 MAX_PROPAGATION_STEPS = 10  # S^k A: past a few steps every map flattens to S's stationary distribution
 MAX_SELF_ATTENTION_TOKENS = 4096  # cells of a captured self-attention layer (64x64): N^2 float32 = 64 MiB per view
+MAX_IMAGE_REFINE_STEPS = 50  # PAMR iterations: each costs a weighted sum over every neighbour of every pixel
+MAX_DILATION = 64  # pixels: past this a "neighbour" is no longer local
 MAX_WEIGHT = 1000.0  # poe_weight, em_concentration, em_prior_weight: past this one term is all that counts
 
 
@@ -139,6 +142,13 @@ class Preset:
             the attention as a per-pixel prior, and the scores become class posteriors.
         refine_steps: rounds of ``refinement`` (0 = none), at most
             :data:`MAX_REFINE_STEPS` (100).
+        refinement_on_image: ``"pamr"``: the class scores, upsampled to the image, are refined on
+            the image's own colours before the argmax (pixel-adaptive mask refinement,
+            :mod:`maskdiffusion.pamr`): each pixel takes a softmax-weighted mean of its neighbours'
+            scores, the weights favouring similar colours; ``"none"``: off.
+        image_refine_steps: PAMR iterations, 1 to :data:`MAX_IMAGE_REFINE_STEPS` (NACLIP, DiffCut: 10).
+        image_refine_dilations: the rings of neighbours PAMR looks at, in pixels (distinct, 1 to
+            :data:`MAX_DILATION`).
         em_concentration: kappa of the EM mixture (how sharply features decide).
         em_prior_weight: exponent of the attention prior in EM (how much it decides).
         long_vocabulary: how vocabularies that need several prompts are run.
@@ -176,6 +186,9 @@ class Preset:
     background_words: tuple[str, ...] = ()
     refinement: Refinement = "hard"
     refine_steps: int = 0
+    refinement_on_image: ImageRefinement = "none"
+    image_refine_steps: int = 10
+    image_refine_dilations: tuple[int, ...] = (1, 2, 4, 8)
     em_concentration: float = 20.0
     em_prior_weight: float = 2.0
     long_vocabulary: LongVocabulary = "batch"
@@ -188,6 +201,7 @@ class Preset:
             "feature_blocks",
             "self_attention_factors",
             "ensemble_timesteps",
+            "image_refine_dilations",
         ):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -278,6 +292,10 @@ class Preset:
         if self.scoring == "attention" and self.refine_steps:
             _refuse("refine_steps", self.refine_steps, "0 with scoring 'attention' (no features to refine with)")
         _whole(self, "refine_steps", 0, MAX_REFINE_STEPS, f"a whole number from 0 to {MAX_REFINE_STEPS}")
+        _choice("refinement_on_image", self.refinement_on_image, ImageRefinement)
+        rule = f"a whole number from 1 to {MAX_IMAGE_REFINE_STEPS}"
+        _whole(self, "image_refine_steps", 1, MAX_IMAGE_REFINE_STEPS, rule)
+        _factors(self, "image_refine_dilations", 1, MAX_DILATION, f"distances in pixels from 1 to {MAX_DILATION}")
         threshold = self.background_threshold
         if threshold is not None:
             if not (_is_real(threshold) and math.isfinite(threshold)):
@@ -357,6 +375,7 @@ _NUMBERS = {
     "feature_factor": int,
     "background_threshold": float,
     "refine_steps": int,
+    "image_refine_steps": int,
     "presence_min_cells": int,
     "calibration_strength": float,
     "poe_weight": float,
