@@ -11,6 +11,7 @@ unreachable, the error says how to get the weights or what to pass instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -470,6 +471,8 @@ def load_components(folder: Path, *, device: torch.device, dtype: torch.dtype, n
     settings = read_settings(folder)
     family, size = folder_family(folder, settings, names)
     presets, card = model_presets(folder, settings, (family, size)), model_card(folder, settings)
+    if card.text_length is not None:  # the T5 length this model was trained with, where it is not its family's
+        family = dataclasses.replace(family, text_length=card.text_length)
     check_weights(folder)
     check_memory(folder, device, dtype)
     vae_config = _json_file(folder / "vae" / "config.json")

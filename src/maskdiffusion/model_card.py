@@ -32,11 +32,14 @@ class ModelCard:
         attention_calibration: word -> the mean attention probability the model gives that
             word over unlabelled images of its domain (measured once, no labels), for
             ``Preset.attention_normalization="calibrated"``; ``None`` = not measured.
+        text_length: T5 tokens per prompt this model was trained with, where not its family's
+            (the bundled toy transformer has no T5: 0); ``None`` = the family's.
     """
 
     random_weights: bool = False
     vocabulary: tuple[str, ...] | None = None
     attention_calibration: dict[str, float] | None = None
+    text_length: int | None = None
 
     def class_scale(self, vocabulary: Sequence[ClassName]) -> torch.Tensor:
         """``(C,)`` calibration divisors: the mean over a class's words that were measured.
@@ -116,7 +119,18 @@ def model_card(folder: Path, settings: dict | None = None) -> ModelCard:
                 f'{where}: "attention_calibration" must map words to positive numbers, got {shorten(calibration)}'
             )
         calibration = {str(word): float(value) for word, value in calibration.items()}
-    return ModelCard(random_weights=random_weights, vocabulary=vocabulary, attention_calibration=calibration)
+    text_length = settings.get("text_length")
+    if text_length is not None and not (isinstance(text_length, int) and not isinstance(text_length, bool)
+                                        and 0 <= text_length <= 4096):  # fmt: skip
+        raise ValueError(
+            f'{where}: "text_length" must be a whole number of tokens from 0 to 4096, got {shorten(text_length)}'
+        )
+    return ModelCard(
+        random_weights=random_weights,
+        vocabulary=vocabulary,
+        attention_calibration=calibration,
+        text_length=text_length,
+    )
 
 
 def _is_real(value: object) -> bool:

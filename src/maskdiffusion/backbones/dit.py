@@ -48,7 +48,7 @@ class PixArtBackbone(TransformerBackbone):
         super().__init__(modules, scheduler, vae_factor, family)
         alphas = getattr(modules.get("scheduler"), "alphas_cumprod", None)
         self.schedule = DDPMSchedule(alphas) if alphas is not None else DDPMSchedule.from_config(scheduler)
-        self.text_length = family.text_length or 300
+        self.text_length = 300 if family.text_length is None else family.text_length
 
     @property
     def blocks(self) -> list[torch.nn.Module]:

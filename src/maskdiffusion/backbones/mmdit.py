@@ -252,7 +252,7 @@ class MMDiTBackbone(TransformerBackbone):
     def __init__(self, modules: dict[str, object], scheduler: dict, vae_factor: int, family):
         super().__init__(modules, scheduler, vae_factor, family)
         self.schedule = FlowSchedule.from_config(scheduler)
-        self.text_length = family.text_length or 256
+        self.text_length = 256 if family.text_length is None else family.text_length
 
     @property
     def joint_blocks(self) -> list[torch.nn.Module]:
