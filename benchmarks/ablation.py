@@ -48,14 +48,20 @@ CALIBRATION_STREAM = 2
 SHAPES = CLASS_NAMES[4:]
 
 
-def rows(default: Preset, attention_only: Preset, reference: Preset) -> list[tuple[str, str, Preset]]:
-    """``(group, name, preset)`` of every row, built from the model's own presets."""
+Row = tuple[str, str, Preset]
+
+
+def rows(default: Preset, attention_only: Preset, reference: Preset, backbone) -> list[Row]:
+    """``(group, name, preset)`` of every row, built from the model's own presets; a transformer
+    (``backbone.kind != "unet"``) gets its own rows (:func:`transformer_rows`) instead of the UNet-only ones."""
     plain = default.replace(attention_normalization="max", refinement="hard", refine_steps=0)
     prob = {"attention_normalization": "probabilities"}
     em = {"refinement": "em", "refine_steps": 10}
+    pamr = {"refinement_on_image": "pamr"}
     baseline, added, shipped = "baseline", "added to the plain head", "the shipped default"
     removed, added_default, extra = "removed from the default", "added to the default", "opt-in, more work"
-    return [
+    on_image = "refinement on the image"
+    table = [
         (baseline, "attention only, max-normalised", attention_only.replace(attention_normalization="max")),
         (baseline, "attention only, probabilities (the gate's baseline)", attention_only),
         (baseline, "attention only, calibrated", attention_only.replace(attention_normalization="calibrated")),
@@ -69,17 +75,48 @@ def rows(default: Preset, attention_only: Preset, reference: Preset) -> list[tup
         (added, "+ hard refinement (2 rounds)", plain.replace(refine_steps=2)),
         (added, "+ EM", plain.replace(**em)),
         (added, "+ probabilities + product of experts", plain.replace(**prob, scoring="poe")),
-        (shipped, "default (probabilities + EM)", default),
+        (shipped, "default", default),
         (removed, "- probabilities (max-normalised)", default.replace(attention_normalization="max")),
         (removed, "- EM (cosine prototypes)", default.replace(refine_steps=0)),
         (removed, "EM -> product of experts", default.replace(refine_steps=0, scoring="poe")),
         (added_default, "+ calibrated", default.replace(attention_normalization="calibrated")),
         (added_default, "+ class presence (support)", default.replace(class_presence="support")),
         (added_default, "+ confident cells", default.replace(prototype_cells="confident")),
-        (extra, "+ self-attention propagation (factor 8, k=1)", default.replace(self_attention_factors=(8,))),
+        (on_image, "attention only + PAMR", attention_only.replace(**pamr)),
+        (on_image, "default + PAMR", default.replace(**pamr)),
+        (on_image, "default + PAMR, 5 steps", default.replace(**pamr, image_refine_steps=5)),
+        (on_image, "default + PAMR, dilations 1, 2", default.replace(**pamr, image_refine_dilations=(1, 2))),
         (extra, "+ 4 noise samples", default.replace(noise_samples=4)),
         (extra, "+ timesteps 200 and 300", default.replace(ensemble_timesteps=(200, 300))),
     ]
+    if backbone.kind == "unet":
+        return [
+            *table,
+            (extra, "+ self-attention propagation (factor 8, k=1)", default.replace(self_attention_factors=(8,))),
+        ]
+    return table + transformer_rows(default, attention_only, len(backbone.denoiser.transformer_blocks))
+
+
+def transformer_rows(default: Preset, attention_only: Preset, blocks: int) -> list[Row]:
+    """A joint-attention model's questions: attention weights vs concept outputs (each attention only and
+    under the mask head), which blocks give the maps and the features, and the noise level."""
+    thirds = {
+        f"blocks {part[0]}-{part[-1]}": tuple(part)
+        for part in (range(0, blocks // 3), range(blocks // 3, 2 * blocks // 3), range(2 * blocks // 3, blocks))
+        if len(part)
+    }
+    thirds[f"all {blocks} blocks"] = tuple(range(blocks))
+    maps, layers, features, noise = "map kind", "map blocks", "feature blocks (mask head)", "noise level (mask head)"
+    table: list[Row] = []
+    for kind in ("attention", "concept"):
+        table.append((maps, f"attention only, {kind} maps", attention_only.replace(class_maps=kind)))
+        table.append((maps, f"mask head, {kind} maps", default.replace(class_maps=kind)))
+    for name, chosen in thirds.items():
+        table.append((layers, f"attention only, {name}", attention_only.replace(attention_blocks=chosen)))
+        table.append((layers, f"mask head, {name}", default.replace(attention_blocks=chosen)))
+    table += [(features, name, default.replace(feature_blocks=chosen)) for name, chosen in thirds.items()]
+    table += [(noise, f"timestep {t}", default.replace(timestep=t)) for t in (100, 250, 500, 750)]
+    return table
 
 
 def measure_calibration(segmenter: MaskDiffusion, scenes: list[Scene], preset: Preset) -> dict[str, float]:
@@ -138,7 +175,7 @@ def ablation(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
     default, attention_only = segmenter.presets["default"], segmenter.presets["attention-only"]
     calibration = measure_calibration(segmenter, held_out_scenes(args.scenes, CALIBRATION_STREAM), default)
     segmenter.card = dataclasses.replace(segmenter.card, attention_calibration=calibration)
-    table = rows(default, attention_only, segmenter.presets["reference"])
+    table = rows(default, attention_only, segmenter.presets["reference"], segmenter.backbone)
     long_names = long_vocabulary(CLASS_NAMES, distractor_names(), "spread")
     report: dict[str, Any] = {
         "model": args.model,

@@ -18,12 +18,15 @@ import torch
 from PIL import Image
 
 from maskdiffusion import MaskDiffusion, cli
+from maskdiffusion.loading import BUNDLED_MODELS
 from maskdiffusion.metrics import ConfusionMatrix, scores
 from maskdiffusion.runstate import canonical, prepare_run_dir
 from maskdiffusion.toyworld import gate as gate_module
 from maskdiffusion.toyworld.gate import (
+    GATE_LIMIT,
     check_targets,
     dataset_clusters,
+    demo_summary,
     gate_presets,
     held_out_scenes,
     rgb_map,
@@ -244,38 +247,57 @@ def test_the_gate_scores_the_models_attention_only_preset_as_the_baseline():
     assert fallback == toy.preset.replace(scoring="attention", refine_steps=0)
 
 
-def printed_percent(text: str, label: str) -> float:
-    return float(re.search(rf"^\s*{label}\s+([0-9.]+)%", text, re.MULTILINE).group(1))
+def printed_percent(text: str, label: str, column: int = 0) -> float:
+    """The number in ``column`` of the demo table's row ``label``."""
+    row = re.search(rf"^\s*{label}((?:\s+[0-9.]+)+)\s", text, re.MULTILINE).group(1)
+    return float(row.split()[column])
 
 
 def test_demo_prints_its_miou_next_to_the_baselines_of_the_same_scenes(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--scenes", "3", "--device", "cpu"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--scenes", "3", "--show", "2", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     figure = out / "toyworld.png"
     assert str(figure) in printed
+    columns = 2 + len(BUNDLED_MODELS)  # image | ground truth | one prediction per bundled model
     with Image.open(figure) as picture:
-        assert picture.height >= 3 * 64 * 4 and picture.width >= 3 * 64 * 4  # 3 rows of 3 panels, x4
-    toy = MaskDiffusion.from_pretrained("toy", device="cpu")
+        assert 2 * 64 * 4 <= picture.height < 3 * 64 * 4 and picture.width >= columns * 64 * 4  # 2 rows drawn, x4
     scenes = held_out_scenes(3)
-    images = [s.image for s in scenes]
-    expected = {}
-    for name, preset in (("MaskDiffusion", "default"), ("attention only", "attention-only")):
-        labelled = [r.labels for r in toy.segment_batch(images, list(CLASS_NAMES), preset=preset)]
-        matrix = ConfusionMatrix(len(CLASS_NAMES))
-        for scene, labels in zip(scenes, labelled, strict=True):
-            matrix.update(labels, scene.labels)
-        expected[name] = scores(matrix, CLASS_NAMES)["mIoU"]
-    truths = [s.labels for s in scenes]
+    images, truths = [s.image for s in scenes], [s.labels for s in scenes]
     floor, _, _ = dataset_clusters([rgb_map(s) for s in scenes], truths, len(CLASS_NAMES), seed=0, pool_size=10**5)
-    expected["RGB k-means"] = scores(floor, CLASS_NAMES)["mIoU"]
-    for label, value in expected.items():
-        assert printed_percent(printed, label) == pytest.approx(value, abs=0.006), label
+    for column, model in enumerate(BUNDLED_MODELS):
+        segmenter = MaskDiffusion.from_pretrained(model, device="cpu")
+        expected = {"RGB k-means": scores(floor, CLASS_NAMES)["mIoU"]}
+        for name, preset in (("MaskDiffusion", "default"), ("attention only", "attention-only")):
+            labelled = [r.labels for r in segmenter.segment_batch(images, list(CLASS_NAMES), preset=preset)]
+            matrix = ConfusionMatrix(len(CLASS_NAMES))
+            for scene, labels in zip(scenes, labelled, strict=True):
+                matrix.update(labels, scene.labels)
+            expected[name] = scores(matrix, CLASS_NAMES)["mIoU"]
+        for label, value in expected.items():
+            assert printed_percent(printed, label, column) == pytest.approx(value, abs=0.006), (model, label)
+        assert printed_percent(printed, "unsupervised", column) >= 0.0
+        trails = expected["MaskDiffusion"] < expected["attention only"]
+        assert (f"{model}: the mask head" in printed) == trails
     assert "the floor" in printed and "the baseline to beat" in printed  # what each number is
-    assert printed_percent(printed, "unsupervised") >= 0.0
-    assert "mIoU >= 43: " in printed and "mIoU >= attention_only_miou + 2: " in printed
-    trails = expected["MaskDiffusion"] < expected["attention only"]
-    assert ("trails attention only" in printed) == trails
+    # 3 scenes are not the gate's 200: its targets are not checked on them, and the demo says so
+    assert "MISSED" not in printed and " met " not in printed and "are not checked on 3" in printed
+
+
+def test_demo_checks_the_gates_targets_on_the_gates_scenes():
+    numbers = {"toy": {"mIoU": 44.0, "attention_only_miou": 41.0, "unsupervised_miou": 30.0, "rgb_kmeans_miou": 20.0}}
+    lines = "\n".join(demo_summary(numbers, GATE_LIMIT))
+    assert "toy: the quality gate's targets" in lines
+    assert "mIoU >= 43: met (44.00 vs 43.00)" in lines
+    assert "mIoU >= attention_only_miou + 2: met (44.00 vs 43.00)" in lines
+    numbers["toy"]["attention_only_miou"] = 43.0
+    assert "mIoU >= attention_only_miou + 2: MISSED (44.00 vs 45.00)" in "\n".join(demo_summary(numbers, 250))
+    assert "not checked" in "\n".join(demo_summary(numbers, GATE_LIMIT - 1))
+
+
+def test_demo_draws_no_more_scenes_than_it_scores(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--show 5 is more than --scenes 2"):
+        cli.main(["demo", "--out", str(tmp_path / "demo"), "--scenes", "2", "--show", "5"])
 
 
 def test_demo_needs_at_least_one_scene(tmp_path, capsys):

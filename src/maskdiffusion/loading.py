@@ -63,23 +63,33 @@ class ModelTooLargeError(ValueError):
 
 
 TOY_MODEL = "toy"
+# The models the package ships (real trained weights, small, offline), each a folder under models/ named as
+# the model, with what trained it.
+BUNDLED_MODELS = {TOY_MODEL: "the toy-world UNet (research.train)"}
+
+
+def bundled_model_path(name: str) -> Path:
+    """The folder of a bundled model (a key of :data:`BUNDLED_MODELS`)."""
+    from importlib import resources
+
+    if name not in BUNDLED_MODELS:
+        raise KeyError(f"{name!r} is not a bundled model; they are {', '.join(BUNDLED_MODELS)}")
+    return Path(str(resources.files("maskdiffusion").joinpath("models", name)))
 
 
 def toy_model_path() -> Path:
-    """The bundled toy-world model (trained by the repository's ``research.train``, shipped in the package)."""
-    from importlib import resources
-
-    return Path(str(resources.files("maskdiffusion").joinpath("models", "toy")))
+    """The bundled toy-world UNet (trained by the repository's ``research.train``, shipped in the package)."""
+    return bundled_model_path(TOY_MODEL)
 
 
 def _alias_folder(model: str) -> Path | None:
     """Folders behind the built-in model names.
 
-    ``toy``: the bundled toy-world model (real trained weights, small, offline);
+    The bundled models (:data:`BUNDLED_MODELS`: real trained weights, small, offline);
     ``tiny-random``: random weights, for tests of the plumbing.
     """
-    if model == TOY_MODEL:
-        return toy_model_path()
+    if model in BUNDLED_MODELS:
+        return bundled_model_path(model)
     if model == "tiny-random":
         from .tiny import tiny_model_path
 

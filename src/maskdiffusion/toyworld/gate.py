@@ -9,7 +9,7 @@ as the prompt of every image, five ways of segmenting them:
   ``attention-only`` preset (argmax of raw softmax attention probabilities at the layers and
   timestep that scored best on held-out stream 3; no features): what the head must beat;
 * ``reference_miou``: MaskDiffusion with the model's ``reference`` preset;
-* ``unsupervised_miou``: one k-means (K = number of classes) on the first pass's UNet
+* ``unsupervised_miou``: one k-means (K = number of classes) on the first pass's backbone
   features pooled over the scenes, one Hungarian matching over the data set (the
   evaluation's dataset-level unsupervised protocol);
 * ``rgb_kmeans_miou``: the same on raw RGB pixels: the floor a model has to beat.
@@ -17,9 +17,9 @@ as the prompt of every image, five ways of segmenting them:
 Every number comes from one confusion matrix over the scenes, as in every evaluation, and
 is reported next to the gate's targets (:data:`TARGETS`). RUN_DIR is bound to the settings
 as for data set runs (``runstate.prepare_run_dir``); a run takes seconds and keeps no
-checkpoints, so the same command again recomputes it (same numbers). ``maskdiffusion demo`` scores a
-few scenes the same way from one pass (no reference preset), so its number comes with its
-baselines too.
+checkpoints, so the same command again recomputes it (same numbers). ``maskdiffusion demo`` scores
+the gate's scenes the same way with every bundled model (no reference preset), so each number comes
+with its baselines and, on the gate's scenes, its targets.
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ FIGURE_FILE = "figures.png"
 DEMO_FILE = "toyworld.png"
 
 VARIANTS = {
-    "default": "MaskDiffusion with the chosen preset: class prototypes from attention-weighted UNet features",
+    "default": "MaskDiffusion with the chosen preset: class prototypes from attention-weighted backbone features",
     "attention_only": "the model's attention-only preset: argmax of raw softmax attention probabilities at the "
     "best layers and timestep of a grid on held-out stream 3 (bilinear; no features): the baseline to beat",
     "reference": "MaskDiffusion with the model's reference preset (the paper's mask head)",
-    "unsupervised": "one k-means (K = classes) on the same pass's UNet features, one Hungarian matching; no words",
+    "unsupervised": "one k-means (K = classes) on the same pass's backbone features, one Hungarian matching; no words",
     "rgb_kmeans": "the floor: one k-means (K = classes) on raw RGB pixels, one Hungarian matching; no model",
 }
 HEADLINES = {
@@ -130,10 +130,10 @@ def scene_figure(scenes: Sequence[Scene], predictions: dict[str, Sequence[np.nda
     return label_grid(rows, titles, CLASS_NAMES, class_palette(), scale=scale)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="toyworld gate", unit="scene", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="scene", disable=not enabled, dynamic_ncols=True)
 
 
 def _variant(matrix: ConfusionMatrix, description: str, **extra: Any) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def segment_scenes(segmenter, scenes: Sequence[Scene], presets: dict[str, Preset
 class Scoreboard:
     """The variants' confusion matrices over scenes added one by one, then the two clusterings.
 
-    Only the first ``keep`` predictions of each variant are kept (for figures); the UNet
+    Only the first ``keep`` predictions of each variant are kept (for figures); the backbone
     feature maps added are kept for the dataset-level clustering.
     """
 
@@ -223,6 +223,26 @@ class Scoreboard:
     def headlines(self) -> dict[str, float | None]:
         """``{metrics key: mIoU}`` of each scored variant (``mIoU``, ``attention_only_miou``, ...)."""
         return {HEADLINES[name]: self.miou(name) for name in VARIANTS if name in self.matrices}
+
+
+def score_scenes(
+    segmenter, scenes: Sequence[Scene], presets: dict[str, Preset], *, keep: int, progress: bool, desc: str
+) -> Scoreboard:
+    """Each preset's confusion matrix over ``scenes``, a batch at a time with a progress bar (the
+    headline preset's features kept for the clusterings; call :meth:`Scoreboard.cluster` next)."""
+    board = Scoreboard(keep=keep)
+    step = segmenter.batch_size
+    with _progress(len(scenes), progress, desc) as bar:
+        for start in range(0, len(scenes), step):
+            chunk = scenes[start : start + step]
+            results = segment_scenes(segmenter, chunk, presets)
+            for index, scene in enumerate(chunk):
+                board.add(
+                    scene, {name: rs[index].labels for name, rs in results.items()}, results["default"][index].features
+                )
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"mIoU {board.miou('default'):.2f}")
+    return board
 
 
 def check_targets(numbers: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -306,18 +326,7 @@ def run_gate(
     settings = _settings(segmenter, presets, limit, seed, pool_size, scenes)
     again = (out_dir / RUN_FILE).is_file()
     prepare_run_dir(out_dir, settings, world_size=1)  # another run's folder is refused, naming what differs
-    board = Scoreboard(keep=figures)
-    step = segmenter.batch_size
-    with _progress(len(scenes), progress) as bar:
-        for start in range(0, len(scenes), step):
-            chunk = scenes[start : start + step]
-            results = segment_scenes(segmenter, chunk, presets)
-            for index, scene in enumerate(chunk):
-                board.add(
-                    scene, {name: rs[index].labels for name, rs in results.items()}, results["default"][index].features
-                )
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"mIoU {board.miou('default'):.2f}")
+    board = score_scenes(segmenter, scenes, presets, keep=figures, progress=progress, desc="toyworld gate")
     board.cluster(scenes, seed=seed, pool_size=pool_size)
 
     variants = board.variants()
@@ -404,45 +413,64 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
 
 
 def run_demo(
-    segmenter, *, out_dir: str | Path, count: int = 8, stream: int = 0
-) -> tuple[dict[str, float | None], Path]:
-    """Segment ``count`` held-out scenes with the whole vocabulary; write the figure.
+    segmenters: dict[str, Any],
+    *,
+    out_dir: str | Path,
+    count: int = GATE_LIMIT,
+    show: int = 4,
+    stream: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, float | None]], Path]:
+    """Score each model on the same ``count`` held-out scenes, the whole vocabulary as the prompt; draw ``show``.
+
+    Arguments:
+        segmenters: ``{name: MaskDiffusion}``, each scored as the gate scores it (its default, attention
+            only, the unsupervised clustering of its features and the RGB floor; no reference preset).
 
     Returns:
-        The mIoU (%) over those scenes of the mask head and of the baselines the same pass
-        gives (``mIoU``, ``attention_only_miou``, ``unsupervised_miou``, ``rgb_kmeans_miou``;
-        see :data:`HEADLINES`), and the path of ``toyworld.png`` (image | ground truth |
-        prediction per scene, class legend).
+        Per model, the mIoU (%) over the scenes of its mask head and baselines (``mIoU``,
+        ``attention_only_miou``, ``unsupervised_miou``, ``rgb_kmeans_miou``; see :data:`HEADLINES`), and
+        the path of ``toyworld.png`` (image | ground truth | each model's prediction, a row per scene
+        drawn, the class legend).
     """
+    if show < 1 or show > count:
+        raise ValueError(f"the scenes drawn must be between 1 and the scenes scored ({count}), got {show}")
     scenes = held_out_scenes(count, stream)
-    presets = gate_presets(segmenter)
-    del presets["reference"]
-    results = segment_scenes(segmenter, scenes, presets)
-    board = Scoreboard(keep=count)
-    for index, scene in enumerate(scenes):
-        board.add(scene, {name: rs[index].labels for name, rs in results.items()}, results["default"][index].features)
-    board.cluster(scenes, seed=stream, pool_size=DEFAULT_POOL_SIZE)
-    figure = scene_figure(scenes, {"prediction": board.predictions["default"]})
-    path = files.write_image(Path(out_dir) / DEMO_FILE, figure)
-    return board.headlines(), path
+    numbers, drawn = {}, {}
+    for name, segmenter in segmenters.items():
+        presets = gate_presets(segmenter)
+        del presets["reference"]
+        board = score_scenes(segmenter, scenes, presets, keep=show, progress=progress, desc=f"demo: {name}")
+        board.cluster(scenes, seed=stream, pool_size=DEFAULT_POOL_SIZE)
+        numbers[name], drawn[name] = board.headlines(), board.predictions["default"]
+    path = files.write_image(Path(out_dir) / DEMO_FILE, scene_figure(scenes[:show], drawn))
+    return numbers, path
 
 
-def demo_summary(numbers: dict[str, float | None]) -> list[str]:
-    """The demo's numbers, each with what it is, and the gate's targets checked on them."""
-
-    def show(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2f}%"
-
-    lines = ["mIoU over these scenes (each from one confusion matrix over them; same pass, same scenes):"]
-    for name in VARIANTS:
-        if HEADLINES[name] in numbers:
-            lines.append(f"  {COLUMNS[name]:<15} {show(numbers[HEADLINES[name]]):>7}  {VARIANTS[name]}")
-    trailing = trailing_line(numbers)
-    if trailing:
-        lines.append(trailing)
-    lines.append(
-        "the quality gate's targets, checked on these scenes (the gate scores "
-        f"{GATE_LIMIT}: maskdiffusion evaluate --dataset {GATE_DATASET} --model toy):"
-    )
-    lines += [f"  {line}" for line in target_lines(numbers)]
+def demo_summary(numbers: dict[str, dict[str, float | None]], count: int) -> list[str]:
+    """The demo's table (a row per variant, a column per model, what each variant is) and, where they
+    apply (the gate's :data:`GATE_LIMIT` scenes or more), the gate's targets checked on each model."""
+    models = list(numbers)
+    width = max(8, *(len(m) for m in models))
+    lines = [f"mIoU (%) over the {count} scenes, each from one confusion matrix over them:"]
+    lines.append(" " * 18 + "".join(f"{m:>{width}}" for m in models))
+    shown = [v for v in VARIANTS if all(HEADLINES[v] in n for n in numbers.values())]
+    for variant in shown:
+        cells = "".join(f"{_number(n[HEADLINES[variant]]):>{width}}" for n in numbers.values())
+        lines.append(f"  {COLUMNS[variant]:<16}{cells}")
+    lines += [f"  ({COLUMNS[variant]}: {VARIANTS[variant]})" for variant in shown]
+    for model, measured in numbers.items():
+        trailing = trailing_line(measured)
+        if trailing:
+            lines.append(f"{model}: {trailing}")
+    if count < GATE_LIMIT:
+        lines.append(
+            f"the quality gate's targets are set for its {GATE_LIMIT} scenes and are not checked on {count}: "
+            f"run maskdiffusion demo without --scenes, or maskdiffusion evaluate --dataset {GATE_DATASET}"
+        )
+        return lines
+    for model, measured in numbers.items():
+        command = f"maskdiffusion evaluate --dataset {GATE_DATASET} --model {model}"
+        lines.append(f"{model}: the quality gate's targets ({command}):")
+        lines += [f"  {line}" for line in target_lines(measured)]
     return lines
