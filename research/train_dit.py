@@ -30,6 +30,7 @@ checkpoint's EMA weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -230,8 +231,13 @@ def sample_t(cfg: DiTConfig, n: int, rng: np.random.Generator) -> torch.Tensor:
 
 
 def encode_latents(vae, scenes: list[Scene], cache: Path) -> torch.Tensor:
-    """The bundled toy VAE's scaled posterior means of every training scene (cached)."""
-    key = {"num_scenes": len(scenes), "scaling_factor": float(vae.config.scaling_factor)}
+    """The bundled toy VAE's scaled posterior means of every training scene (cached, keyed by the scenes' seeds)."""
+    seeds = [scene.seed for scene in scenes]
+    key = {
+        "num_scenes": len(scenes),
+        "seeds": [seeds[0], seeds[-1]],
+        "scaling_factor": float(vae.config.scaling_factor),
+    }
     if cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=False)
         if saved["key"] == key:
@@ -394,19 +400,24 @@ DEFAULT_PRESET = {"size": 64, "feature_factor": 4, "attention_factor": 4}
 
 
 def export_model(folder: Path, models: Models, *, presets: dict | None = None, notes: dict | None = None) -> Path:
-    """A ``StableDiffusion3Pipeline`` folder (no T5) + ``maskdiffusion.json``, replacing ``folder`` atomically."""
+    """A ``StableDiffusion3Pipeline`` folder (no T5) + ``maskdiffusion.json``, replacing ``folder`` atomically.
+
+    The transformer and text encoders are stored in float16 (loaders cast them to the dtype they are asked
+    for); ``presets``: the named presets (default: :data:`DEFAULT_PRESET` for all three).
+    """
     from diffusers import StableDiffusion3Pipeline
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".toy-dit-", dir=folder.parent))
+    half = [copy.deepcopy(m).half() for m in models.trained()]  # stored in float16: half the wheel's bytes
     pipe = StableDiffusion3Pipeline(
-        transformer=models.transformer,
+        transformer=half[0],
         scheduler=flow_scheduler(),
-        vae=toy_vae(),
-        text_encoder=models.text_encoder,
+        vae=toy_vae(),  # the toy UNet's autoencoder, as trained: float32
+        text_encoder=half[1],
         tokenizer=models.tokenizer,
-        text_encoder_2=models.text_encoder_2,
+        text_encoder_2=half[2],
         tokenizer_2=models.tokenizer,
         text_encoder_3=None,
         tokenizer_3=None,
@@ -430,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-at", type=int, default=None, help="stop (checkpointed) at this step")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--export-only", action="store_true", help="write OUT/model from the checkpoint and exit")
+    parser.add_argument(
+        "--presets", type=Path, help="JSON of the named presets to write into the model card (default: placeholders)"
+    )
     for field in dataclasses.fields(DiTConfig):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
@@ -447,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, args.out, checkpoint_minutes=args.checkpoint_minutes, stop_at=args.stop_at, log_every=args.log_every)
     cfg, models, step = models_from_checkpoint(args.out / CHECKPOINT)
     notes = {"train_config": dataclasses.asdict(cfg), "steps": step}
-    print(export_model(args.out / MODEL_DIR, models, notes=notes))
+    presets = json.loads(args.presets.read_text()) if args.presets else None
+    print(export_model(args.out / MODEL_DIR, models, presets=presets, notes=notes))
 
 
 if __name__ == "__main__":

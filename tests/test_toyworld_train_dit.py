@@ -1,0 +1,89 @@
+"""The toy joint-attention transformer's trainer (research.train_dit) on a tiny configuration: it trains,
+resumes, and exports a folder that diffusers and the segmenter both load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from research.train_dit import CHECKPOINT, MODEL_DIR, DiTConfig, absent_mass, main, sample_t
+
+TINY = DiTConfig(num_scenes=24, width=32, layers=2, text_width=16, steps=4, batch=4, warmup=2)
+
+
+def tiny_args(out, **changes) -> list[str]:
+    values = {**TINY.__dict__, **changes}
+    args = ["--out", str(out), "--threads", "1", "--log-every", "1"]
+    for name, value in values.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two stages: to step 2 (--stop-at), then the same command without it resumes to the end."""
+    out = tmp_path_factory.mktemp("ditrun")
+    main([*tiny_args(out), "--stop-at", "2"])
+    assert torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["step"] == 2
+    main(tiny_args(out))
+    return out
+
+
+def test_a_run_resumes_its_stages_and_logs_every_step_and_its_attention_terms(tiny_run):
+    lines = records(tiny_run)
+    steps = [r for r in lines if r.get("phase") == "dit"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert lines.index({"resume": True, "step": 2}) == 2  # after steps 1 and 2, before 3
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["prior"]) and r["absent"] > 0 for r in steps)
+    assert torch.load(tiny_run / CHECKPOINT, map_location="cpu", weights_only=False)["step"] == 4
+
+
+def test_the_export_loads_in_diffusers_and_segments_with_its_card(tiny_run):
+    from diffusers import SD3Transformer2DModel
+    from safetensors import safe_open
+
+    from maskdiffusion import MaskDiffusion
+    from maskdiffusion.toyworld.gate import held_out_scenes
+    from maskdiffusion.toyworld.world import CLASS_NAMES
+
+    folder = tiny_run / MODEL_DIR
+    card = json.loads((folder / "maskdiffusion.json").read_text())
+    assert card["text_length"] == 0 and card["vocabulary"] == list(CLASS_NAMES)
+    assert card["notes"]["steps"] == 4 and card["notes"]["train_config"]["layers"] == 2
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), "pt") as stored:
+        names = stored.keys()
+        assert {stored.get_tensor(k).dtype for k in names} == {torch.float16}  # half the bytes
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    state = torch.load(tiny_run / CHECKPOINT, map_location="cpu", weights_only=False)
+    ema = dict(zip((n for n, _ in transformer.named_parameters()), state["ema"], strict=False))
+    name, loaded = next(iter(transformer.named_parameters()))
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded, ema[name].half().float())  # the EMA weights, rounded to float16
+    segmenter = MaskDiffusion.from_pretrained(str(folder), device="cpu")
+    assert segmenter.backbone.kind == "mmdit"
+    scene = held_out_scenes(1, stream=3)[0]
+    result = segmenter(scene.image, list(CLASS_NAMES))
+    assert result.labels.shape == scene.labels.shape
+
+
+def test_absent_mass_is_low_where_the_named_classes_hold_the_pixels():
+    present = torch.tensor([[True, False, False], [False, False, False]])  # image 2 names no class: left out
+    on_named = torch.log_softmax(torch.tensor([5.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2), dim=1)
+    on_absent = torch.log_softmax(torch.tensor([0.0, 5.0, 0.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2), dim=1)
+    assert absent_mass(on_named, present) < 0.02 < 4.0 < absent_mass(on_absent, present)
+    assert absent_mass(on_absent, torch.zeros(2, 3, dtype=torch.bool)) == 0  # no caption names a class
+
+
+def test_flow_times_are_logit_normal_in_the_open_unit_interval():
+    t = sample_t(TINY, 20000, np.random.default_rng(0)).numpy()
+    assert t.min() > 0 and t.max() < 1
+    logits = np.log(t / (1 - t))
+    assert abs(logits.mean() - TINY.logit_mean) < 0.03 and abs(logits.std() - TINY.logit_std) < 0.03
