@@ -324,3 +324,15 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_loading(tiny_fami
     message = r"needs 0\.0 GiB .* in float32 \(text_encoder_2 .*but cpu has .*bfloat16"
     with pytest.raises(ModelTooLargeError, match=message):
         check_memory(folder, torch.device("cpu"), torch.float32, free=sum(needed.values()) - 1)
+
+
+def test_a_model_folder_may_be_given_as_a_path(tiny_model):
+    from pathlib import Path
+
+    import numpy as np
+
+    from maskdiffusion import MaskDiffusion
+
+    segmenter = MaskDiffusion.from_pretrained(Path(tiny_model), device="cpu")
+    assert segmenter.model_id == str(tiny_model)
+    assert segmenter(np.zeros((64, 64, 3), dtype=np.uint8), ["road", "sky"]).labels.shape == (64, 64)

@@ -94,6 +94,28 @@ def test_the_pipeline_labels_the_refined_scores_and_bands_large_images(tiny_mode
     assert refined.summary()["settings"]["refinement_on_image"] == "pamr"
 
 
+def test_labels_refine_only_the_present_classes_and_equal_refining_all_of_them():
+    """Absent classes cannot be labels and PAMR works on each class's map alone: leaving them out is exact."""
+    from maskdiffusion import pamr
+    from maskdiffusion.pipeline import _labels
+    from maskdiffusion.views import upsample_rows
+
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8))
+    scores = torch.from_numpy(rng.random((5, 10, 12))).float()
+    present = torch.tensor([True, False, True, True, False])
+    preset = Preset(refinement_on_image="pamr", image_refine_steps=3, image_refine_dilations=(1, 2))
+    whole = slice(0, picture.height)
+    upsampled = upsample_rows(scores, (picture.height, picture.width), whole)
+    every_class = refine(upsampled, pamr.image_tensor(picture, whole), 3, (1, 2))
+    expected = every_class.masked_fill(~present[:, None, None], -torch.inf).argmax(dim=0)
+    labels = _labels(scores, picture, preset, present)
+    np.testing.assert_array_equal(labels, expected.numpy())
+    assert set(np.unique(labels)) <= {0, 2, 3}
+    plain = _labels(scores, picture, Preset(), present)
+    np.testing.assert_array_equal(plain, upsampled.masked_fill(~present[:, None, None], -torch.inf).argmax(0))
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

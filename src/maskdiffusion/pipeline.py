@@ -7,6 +7,7 @@ the backbone (:mod:`maskdiffusion.backbones`), not here.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -189,7 +190,7 @@ class MaskDiffusion:
     @classmethod
     def from_pretrained(
         cls,
-        model: str = DEFAULT_MODEL,
+        model: str | os.PathLike = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype | None = None,
@@ -200,13 +201,13 @@ class MaskDiffusion:
         local_files_only: bool | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
-        encoder: str = "full",
+        encoder: str | os.PathLike = "full",
     ) -> MaskDiffusion:
         """Load a model of any family in :data:`~maskdiffusion.families.FAMILIES` (SD 1.x/2.x, SDXL,
         distilled, Turbo; SD3/3.5, FLUX.1 dev/schnell, PixArt-Σ): a hub id, a folder, ``toy`` or ``tiny-random``.
 
         Arguments:
-            model: hub id (looked up in the local cache first) or diffusers folder.
+            model: hub id (looked up in the local cache first) or diffusers folder (a string or a path).
             device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``mps``.
             dtype: ``float32`` (default), ``float16`` or ``bfloat16``: the weights are stored
                 in it (float16 on a CPU: float32 weights under float16 autocast), attention maps
@@ -226,6 +227,7 @@ class MaskDiffusion:
                 like models), or the hub id or folder of an ``AutoencoderTiny``. A tiny encoder costs
                 a fraction of the VAE encoder's FLOPs; what it costs in fidelity depends on the model.
         """
+        model, encoder = os.fspath(model), os.fspath(encoder)
         device = pick_device(device)
         dtype = pick_dtype(dtype)
         folder = resolve_model_folder(model, local_files_only=local_files_only)
@@ -611,17 +613,24 @@ def _evaluation_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
 
 def _labels(scores: torch.Tensor, image: Image.Image, preset: Preset, present: torch.Tensor) -> np.ndarray:
     """``(H, W)`` int64 argmax over the ``present`` classes of the scores upsampled to ``image`` (and refined on
-    it where the preset says), a band of rows at a time."""
+    it where the preset says), a band of rows at a time.
+
+    Only the present classes are upsampled and refined: the others cannot be labels, and both steps work on
+    each class's map alone, so leaving them out changes no label.
+    """
     height, width = image.height, image.width
     labels = np.empty((height, width), dtype=np.int64)
     threshold = preset.background_threshold
+    kept = present.nonzero().flatten()  # (P,) class indices
+    scores = scores[kept]
     for top in range(0, height, LABEL_ROWS):
         rows = slice(top, min(top + LABEL_ROWS, height))
         if preset.refinement_on_image == "pamr":
             band = refined_rows(scores, image, rows, preset.image_refine_steps, preset.image_refine_dilations)
         else:
             band = upsample_rows(scores, (height, width), rows)
-        best, label = band.masked_fill(~present[:, None, None], -torch.inf).max(dim=0)
+        best, index = band.max(dim=0)
+        label = kept[index]
         if threshold is not None:
             label = torch.where(best < threshold, BACKGROUND, label)
         labels[rows] = label.numpy()
