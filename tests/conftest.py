@@ -52,7 +52,15 @@ def shared_models():
     original = options.load_segmenter
 
     def load(args):
-        key = (args.model, args.device, args.dtype, args.batch_size, getattr(args, "preset", None), args.compile, args.encoder)
+        key = (
+            args.model,
+            args.device,
+            args.dtype,
+            args.batch_size,
+            getattr(args, "preset", None),
+            args.compile,
+            args.encoder,
+        )
         if key not in loaded:
             loaded[key] = original(args)
         return loaded[key]
