@@ -6,11 +6,16 @@ weights: the same FLOPs and memory as the real checkpoints, no download. Repetit
 interleaved and the median reported; memory is the peak resident set (CPU) or
 ``max_memory_allocated`` (GPU) during a call, plus the weights that approach has to hold.
 
-    python benchmarks/bench.py                 # fp32 (+ bf16 where the CPU has it), ~13 min
+    python benchmarks/bench.py                 # fp32 (+ bf16 where the CPU has it), ~20 min
     python benchmarks/bench.py --quick         # fewer repetitions, no Cityscapes-sized case
+    python benchmarks/bench.py --steps         # only where a view's time goes and the tiny-encoder rows, ~4 min
     python benchmarks/bench.py --toyworld      # only the toy-world checks (bundled model), ~1-2 min
 
-Writes the table to ``benchmarks/results/<device>.md``. Every run also does the toy-world checks
+Writes the table to ``benchmarks/results/<device>.md``, and where one view's time goes to
+``benchmarks/results/steps-<device>.md``: per step (text encoder, VAE encoder, UNet pass as run, stitching,
+mask head) its FLOPs (``flops.py``: counted on the real modules), seconds, GFLOP/s and share of the CPU's
+peak, fp32 and bf16 in the same run, and seconds per 512x512 view with the full VAE and with a tiny encoder
+of TAESD's real shapes (random weights), interleaved. Every full run also does the toy-world checks
 (``toyworld_checks.py``: half precision vs fp32 and shared-queries vs batch on held-out scenes of
 the bundled model's world) and writes them to ``benchmarks/results/toyworld-<device>.md``.
 """
@@ -18,6 +23,7 @@ the bundled model's world) and writes them to ``benchmarks/results/toyworld-<dev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -41,46 +47,55 @@ from maskdiffusion.prompts import clip_tokenizer
 from maskdiffusion.tiny import SD_NOISE_SCHEDULE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import toyworld_checks  # beside this file
+import families  # beside this file: the real shapes
+import flops
+import toyworld_checks
 
 ATTENTION = "reference attention branch, 512x512"
 FEATURES = "reference feature branch, one 512x512 crop"
 TEN_CLASSES = "road, sidewalk, building, wall, fence, pole, traffic light, vegetation, sky, car"
 OTHER_TEN = "person, rider, truck, bus, train, motorcycle, bicycle, terrain, traffic sign, bridge"
+TAESD_ID = "taesd-shaped-random"
+TINY_CASE = "tiny encoder (TAESD-shaped), 512x512"
+TINY_TARGET = 0.45  # issue 24: a 512 view with the tiny encoder's real shapes in <= 0.45x the full-VAE time
 
 
 def sd15_components(device: torch.device) -> tuple[Components, torch.nn.Module]:
-    """SD 1.5-shaped UNet, VAE and text encoder plus a CLIP ViT-L/14-336 image encoder, random (seed 0)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+    """SD 1.5-shaped UNet, VAE and text encoder (``families.SHAPES["sd1"]``) plus a CLIP ViT-L/14-336 image
+    encoder, random (seed 0)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # defaults are SD 1.x's
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    )  # fmt: skip
+    modules = families.build_modules(families.SHAPES["sd1"])
     vision = CLIPVisionModel(
         CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                          image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
     )  # fmt: skip
-    for module in (unet, vae, text, vision):
+    for module in (*modules.values(), vision):
         module.to(device).eval().requires_grad_(False)
     family = FAMILIES["sd1"]
-    parts = {"unet": unet, "text_encoder": text, "tokenizer": clip_tokenizer()}
+    parts = {"unet": modules["unet"], "text_encoder": modules["text_encoder"], "tokenizer": clip_tokenizer()}
     backbone = UNetBackbone(parts, SD_NOISE_SCHEDULE, 8, family)
     presets = model_presets(Path("."))
-    components = Components(vae=vae, backbone=backbone, presets=presets, folder=Path("."), family=family)
+    components = Components(vae=modules["vae"], backbone=backbone, presets=presets, folder=Path("."), family=family)
     return components, vision
+
+
+def taesd_shaped(latent_channels: int = 4, *, seed: int = 0) -> torch.nn.Module:
+    """An ``AutoencoderTiny`` in TAESD's real shapes (diffusers' default configuration: encoder levels of 64
+    channels, 1, 3, 3, 3 blocks; taesd, taesdxl, and with 16 latent channels taesd3), random weights."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(latent_channels=latent_channels).eval().requires_grad_(False)
+
+
+def with_tiny_encoder(components: Components, precision: Precision | None = None) -> Components:
+    """The same models with a TAESD-shaped encoder for the views, in the denoiser's dtype and memory format."""
+    tiny = taesd_shaped(components.vae.config.latent_channels).to(components.vae.device, components.vae.dtype)
+    if precision is not None and precision.channels_last:
+        tiny.to(memory_format=torch.channels_last)
+    return dataclasses.replace(components, encoder=tiny, encoder_id=TAESD_ID)
 
 
 def half_components(device: torch.device, precision: Precision) -> Components:
@@ -201,27 +216,33 @@ def compose(results: dict[str, dict], parts: dict[str, int]) -> dict:
     """Timing of a sequence of measured calls: ``parts`` maps a measured case to its count."""
     total = {key: sum(results[name][key] * count for name, count in parts.items()) for key in ("median", "min", "max")}
     total["extra_memory"] = max(results[name]["extra_memory"] for name in parts)
+    busy = sum(results[name]["cores_busy"] * results[name]["median"] * count for name, count in parts.items())
+    total["cores_busy"] = busy / total["median"]
     return total
 
 
 def measure(cases: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, dict]:
-    """Run every case ``repeats`` times, interleaved; median/min/max seconds and peak memory."""
+    """Run every case ``repeats`` times, interleaved; median/min/max seconds, peak memory and cores busy
+    (CPU seconds per second: below the thread count when other work shared the cores)."""
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, float] = dict.fromkeys(cases, 0.0)
     memory: dict[str, int] = dict.fromkeys(cases, 0)
     for _ in range(repeats):
         for name, run in cases.items():
             with PeakMemory(device) as peak:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
+                cpu[name] += time.process_time() - start_cpu
             memory[name] = max(memory[name], peak.extra)
             print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
     return {
-        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "extra_memory": memory[name]}
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "extra_memory": memory[name],
+               "cores_busy": cpu[name] / sum(t)}
         for name, t in times.items()
-    }
+    }  # fmt: skip
 
 
 def coco_names() -> list[str]:
@@ -235,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repetition, skip the Cityscapes-sized case")
+    parser.add_argument("--steps", action="store_true", help="only the per-step table and the tiny-encoder rows")
     parser.add_argument("--toyworld", action="store_true", help="only the toy-world checks (bundled model)")
     parser.add_argument("--scenes", type=int, default=toyworld_checks.DEFAULT_SCENES,
                         help="held-out toy-world scenes of the toy-world checks")  # fmt: skip
@@ -246,14 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.toyworld:
         toyworld(device, half, args.scenes, Path(args.out))
         return 0
+    loads = [os.getloadavg()[0]]
     print(f"building SD 1.5-shaped random models on {device} ...", flush=True)
     components, vision = sd15_components(device)
     ours = MaskDiffusion(components, model_id="sd15-shaped-random", device=device, cache_size=0)
     cached = MaskDiffusion(components, model_id="sd15-shaped-random", device=device, cache_size=8)
-    shared = ours.preset.replace(long_vocabulary="shared-queries")
     half_name = str(half).removeprefix("torch.")
     native = native_half(device)
     segmenters = {"": (ours, cached)}
+    tiny = {"": MaskDiffusion(with_tiny_encoder(components), model_id="sd15-shaped-random", device=device,
+                              cache_size=0)}  # fmt: skip
     if native:
         precision = Precision.choose(device, half)
         low = half_components(device, precision)
@@ -262,6 +286,59 @@ def main(argv: list[str] | None = None) -> int:
                           precision=precision)
             for size in (0, 8)
         )  # fmt: skip
+        tiny[f" {half_name}"] = MaskDiffusion(with_tiny_encoder(low, precision), model_id="sd15-shaped-random",
+                                              device=device, dtype=half, cache_size=0, precision=precision)  # fmt: skip
+    if not native:
+        # Without AMX / AVX512-BF16, bf16 is emulated and far slower than fp32 (one 512x512
+        # view of ours ran for over 10 minutes on an AVX2 EPYC): not worth the budget.
+        print(f"note: this CPU has no native {half_name}; the {half_name} cases are not run")
+    rng = np.random.default_rng(0)
+    view = (rng.random((512, 512, 3)) * 255).astype(np.uint8)
+
+    print("warm-up ...", flush=True)
+    cases = {}
+    for suffix, (plain, _) in segmenters.items():
+        plain(np.zeros((64, 64, 3), np.uint8), "a, b")
+        tiny[suffix](np.zeros((64, 64, 3), np.uint8), "a, b")
+        cases |= {
+            f"ours{suffix}, 512x512": lambda p=plain: p(view, TEN_CLASSES),
+            f"ours{suffix}, {TINY_CASE}": lambda t=tiny[suffix]: t(view, TEN_CLASSES),
+        }
+    if args.steps:
+        del vision
+        results = measure(cases, repeats, device)
+    else:
+        results = main_cases(args, cases, segmenters, components, vision, view, device, half, repeats)
+    print("where the time goes ...", flush=True)
+    peak = flops.cpu_peak(measured_mhz=flops.measure_mhz()) if device.type == "cpu" else None
+    gemm = {dtype: flops.gemm_gflops(dtype) for dtype in (torch.float32, *([half] if native else []))}
+    labels = {"": "fp32", f" {half_name}": half_name}
+    profiles = {}
+    for suffix, (plain, _) in segmenters.items():
+        dtype = torch.float32 if not suffix else half
+        profiles[labels[suffix]] = (dtype, flops.profile_steps(plain, lambda p=plain: p(view, TEN_CLASSES)))
+        profiles[f"{labels[suffix]}, tiny encoder"] = (
+            dtype, flops.profile_steps(tiny[suffix], lambda t=tiny[suffix]: t(view, TEN_CLASSES))
+        )  # fmt: skip
+    whole_unet = whole_unet_flops(ours)
+    loads.append(os.getloadavg()[0])
+    out = Path(args.out)
+    text = steps_report(profiles, results, peak, gemm, whole_unet, device, half, repeats, loads)
+    print(text)
+    from maskdiffusion.files import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"steps-{device.type}.md", text)
+    if not args.steps:
+        checks = toyworld(device, half, args.scenes, out)
+        write_report(results, checks, components, vision, device, half, repeats, out, loads)
+    return 0
+
+
+def main_cases(args, cases, segmenters, components, vision, view, device, half, repeats) -> dict[str, dict]:
+    """The comparison with the reference's compute pattern, re-queries and long vocabularies (with ``cases``,
+    the 512x512 views of ours, interleaved), then the Cityscapes-sized image unless ``--quick``."""
+    half_name = str(half).removeprefix("torch.")
 
     def autocast_for(dtype):
         if dtype == torch.float32:
@@ -270,83 +347,38 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = ReferencePattern(components, vision, device, autocast_for(torch.float32))
     reference_half = ReferencePattern(components, vision, device, autocast_for(half))
-    rng = np.random.default_rng(0)
-    view = (rng.random((512, 512, 3)) * 255).astype(np.uint8)
-    street = (rng.random((1024, 2048, 3)) * 255).astype(np.uint8)
+    street = (np.random.default_rng(1).random((1024, 2048, 3)) * 255).astype(np.uint8)
     names = coco_names()
-
-    print("warm-up ...", flush=True)
-    cases = {ATTENTION: reference.attention_view, FEATURES: reference.feature_crop}
+    ours = segmenters[""][0]
+    shared = ours.preset.replace(long_vocabulary="shared-queries")
+    cases = {ATTENTION: reference.attention_view, FEATURES: reference.feature_crop, **cases}
     for suffix, (plain, requery) in segmenters.items():
-        plain(np.zeros((64, 64, 3), np.uint8), "a, b")
         requery(view, TEN_CLASSES)  # warm the latent cache: the re-query case asks a new vocabulary
         cases |= {
-            f"ours{suffix}, 512x512": lambda p=plain: p(view, TEN_CLASSES),
             f"ours{suffix}, re-query (new classes)": lambda r=requery: r(view, OTHER_TEN),
             f"ours{suffix}, 171 COCO-Stuff names (batch)": lambda p=plain: p(view, names),
         }
     cases["ours, 171 COCO-Stuff names (shared-queries)"] = lambda: ours(view, names, preset=shared)
-    if native:
+    if len(segmenters) > 1:
         cases[f"reference-pattern {half_name}, 512x512"] = reference_half.one_view
     results = measure(cases, repeats, device)
     results["reference-pattern, 512x512"] = compose(results, {ATTENTION: 1, FEATURES: 1})
-    if not native:
-        # Without AMX / AVX512-BF16, bf16 is emulated and far slower than fp32 (one 512x512
-        # view of ours ran for over 10 minutes on an AVX2 EPYC): not worth the budget.
-        print(f"note: this CPU has no native {half_name}; the {half_name} cases are not run")
     if not args.quick:
         results |= measure({f"ours{suffix}, 1024x2048": (lambda p=plain: p(street, TEN_CLASSES))
                             for suffix, (plain, _) in segmenters.items()}, 1, device)  # fmt: skip
         # The reference's 8 feature crops are 8 identical calls: their measured median, 8 times.
         results["reference-pattern, 1024x2048"] = compose(results, {ATTENTION: 1, FEATURES: 8})
-    stages = {name or " fp32": stage_times(plain, view, TEN_CLASSES) for name, (plain, _) in segmenters.items()}
-    checks = toyworld(device, half, args.scenes, Path(args.out))
-    write_report(results, stages, checks, components, vision, device, half, repeats, Path(args.out))
-    return 0
+    return results
 
 
-def stage_times(segmenter: MaskDiffusion, image: np.ndarray, classes: str, repeats: int = 2) -> dict[str, float]:
-    """Where one view's time goes: median seconds of each step of ``segment_batch``, run one by one.
-
-    Input (decode + views), text encoder, VAE encoder, UNet pass (attention + features), each
-    alone; then the whole call, inside which the stitching of views + mask head (``_finish``) is
-    timed; output = writing the three files. The steps of the call sum to it within noise.
-    """
-    import tempfile
-
-    from maskdiffusion.views import ViewLayout, load_image
-
-    preset = segmenter.preset
-    vocabulary = segmenter.check_inputs(classes, preset)[0]
-    steps: dict[str, list[float]] = {}
-
-    def timed(name: str, run: Callable[[], object]) -> object:
-        start = time.perf_counter()
-        value = run()
-        steps.setdefault(name, []).append(time.perf_counter() - start)
-        return value
-
-    finish = segmenter._finish
-
-    def timed_finish(*args):
-        return timed("stitching + mask head (in the call)", lambda: finish(*args))
-
-    for _ in range(repeats):
-        crops = timed("input: decode + views", lambda: ViewLayout.for_image(
-            (image.shape[1], image.shape[0]), preset.size, segmenter.backbone.block, preset.window_overlap
-        ).crops(load_image(image)))  # fmt: skip
-        batches = segmenter.build_prompts(vocabulary, preset.separator)
-        text = timed("text encoder", lambda b=batches: segmenter.encode_prompts(b))
-        latents = timed("VAE encoder", lambda c=crops: segmenter.encode_views(c))
-        timed("UNet pass", lambda lat=latents, t=text: segmenter.capture(lat, t, preset))
-        segmenter._finish = timed_finish
-        try:
-            result = timed("whole call", lambda: segmenter(image, classes))
-        finally:
-            del segmenter._finish
-        with tempfile.TemporaryDirectory() as folder:
-            timed("output: labels, overlay, JSON", lambda r=result, f=folder: r.save(f, "view"))
-    return {name: statistics.median(values) for name, values in steps.items()}
+def whole_unet_flops(segmenter: MaskDiffusion) -> int:
+    """FLOPs of the whole UNet (every block) for one 512x512 (view, prompt) pass: what a pass that did not stop
+    early would cost."""
+    unet = segmenter.backbone.unet
+    latents = torch.zeros(1, unet.config.in_channels, 64, 64, device=segmenter.device, dtype=unet.dtype)
+    text = torch.zeros(1, 77, unet.config.cross_attention_dim, device=segmenter.device, dtype=unet.dtype)
+    with torch.no_grad():
+        return flops.count_flops(lambda: unet(latents, 0, encoder_hidden_states=text))[1]
 
 
 def toyworld(device: torch.device, half: torch.dtype, scenes: int, out: Path) -> dict:
@@ -360,7 +392,7 @@ def toyworld(device: torch.device, half: torch.dtype, scenes: int, out: Path) ->
     return checks
 
 
-def write_report(results, stages, checks, components, vision, device, half, repeats, out: Path) -> None:
+def write_report(results, checks, components, vision, device, half, repeats, out: Path, loads=()) -> None:
     unet = components.backbone.unet
     ours_weights = weights_bytes(unet, components.vae, components.backbone.text_encoder)
     # The reference holds two SD checkpoints (v1.4 for attention, ODISE's v1.3 for features)
@@ -370,7 +402,7 @@ def write_report(results, stages, checks, components, vision, device, half, repe
     rows = []
     for name, r in results.items():
         weights = reference_weights if name.startswith("reference") else ours_weights
-        rows.append((name, r["median"], r["min"], r["max"], (weights + r["extra_memory"]) / 2**30))
+        rows.append((name, r["median"], r["min"], r["max"], (weights + r["extra_memory"]) / 2**30, r["cores_busy"]))
 
     def ratio(a: str, b: str, key: str = "median") -> float:
         return results[a][key] / results[b][key]
@@ -389,11 +421,13 @@ def write_report(results, stages, checks, components, vision, device, half, repe
         "branch + 8 feature crops. Random weights with SD 1.5 shapes "
         "(UNet, VAE, CLIP-L text) + CLIP ViT-L/14-336 for the reference's feature branch. Memory = weights the "
         "approach holds (reference: two SD UNets + VAE + text encoder + CLIP image encoder) + peak RSS above idle "
-        "during the call.",
+        f"during the call. {busy_note(loads)} The tiny-encoder rows encode the views with a TAESD-shaped "
+        "AutoencoderTiny (random weights); where a view's time goes, against the machine: "
+        f"[steps-{device.type}.md](steps-{device.type}.md).",
         "",
-        "| case | median s | min s | max s | peak memory GiB |",
-        "|---|---|---|---|---|",
-        *(f"| {n} | {m:.2f} | {lo:.2f} | {hi:.2f} | {g:.2f} |" for n, m, lo, hi, g in rows),
+        "| case | median s | min s | max s | peak memory GiB | cores busy |",
+        "|---|---|---|---|---|---|",
+        *(f"| {n} | {m:.2f} | {lo:.2f} | {hi:.2f} | {g:.2f} | {c:.2f} |" for n, m, lo, hi, g, c in rows),
         "",
         "| ratio | value | target |",
         "|---|---|---|",
@@ -415,6 +449,7 @@ def write_report(results, stages, checks, components, vision, device, half, repe
                 f"| ours {half_name} / ours fp32 time, {case} | "
                 f"{ratio(f'ours {half_name}, {case}', f'ours, {case}'):.2f} | {target} |"
             )
+    lines += tiny_ratio_rows(results, half_name)
     if f"reference-pattern {half_name}, 512x512" in results:
         lines.append(
             f"| reference {half_name} / ours {half_name} | "
@@ -436,22 +471,128 @@ def write_report(results, stages, checks, components, vision, device, half, repe
         f"| 171 names / 10 names (shared-queries) | "
         f"{ratio('ours, 171 COCO-Stuff names (shared-queries)', 'ours, 512x512'):.2f} | <= 3 |",
     ]
-    lines += [
-        "",
-        "Where one 512x512 view's time goes (10 classes; median of 2; the first four steps timed alone, "
-        "stitching + mask head timed inside the whole call):",
-        "",
-        "| step | " + " | ".join(f"{name.strip()} s" for name in stages) + " |",
-        "|---" * (len(stages) + 1) + "|",
-    ]
-    for step in next(iter(stages.values())):
-        lines.append(f"| {step} | " + " | ".join(f"{times[step]:.2f}" for times in stages.values()) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     from maskdiffusion.files import write_text
 
     write_text(out / f"{device.type}.md", text)
+
+
+def busy_note(loads) -> str:
+    """What the cores-busy column means, and the machine's load around the run."""
+    load = f" 1-minute load average {min(loads):.2f}-{max(loads):.2f} at the start and end." if loads else ""
+    return (
+        f"Cores busy = CPU seconds per second of the call (at most {torch.get_num_threads()}: below that, other work "
+        f"shared the cores).{load}"
+    )
+
+
+def tiny_ratio_rows(results: dict[str, dict], half_name: str) -> list[str]:
+    """Tiny encoder / full VAE, per precision measured: the issue's acceptance line."""
+    rows = []
+    for suffix in ("", f" {half_name}"):
+        tiny, full = f"ours{suffix}, {TINY_CASE}", f"ours{suffix}, 512x512"
+        if tiny in results and full in results:
+            ratio = results[tiny]["median"] / results[full]["median"]
+            verdict = "met" if ratio <= TINY_TARGET else "NOT met"
+            rows.append(
+                f"| tiny encoder / full VAE, one 512x512 view, {(suffix.strip() or 'fp32')} | {ratio:.2f} "
+                f"| <= {TINY_TARGET} ({verdict}) |"
+            )
+    return rows
+
+
+def _gflop(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e9:,.1f}"
+
+
+def step_rows(profiles: dict[str, tuple[torch.dtype, dict]], peak: flops.CpuPeak | None) -> list[str]:
+    """The per-step table: a row per step, per profile its GFLOP, seconds, GFLOP/s, share of peak, cores busy."""
+    header = "| step |" + "".join(
+        f" {name} GFLOP | {name} s | {name} GFLOP/s | {name} % of peak | {name} cores busy |" for name in profiles
+    )
+    lines = [header, "|---" * (1 + 5 * len(profiles)) + "|"]
+    steps = list(next(iter(profiles.values()))[1])
+    for step in steps:
+        cells = []
+        for dtype, profile in profiles.values():
+            row = profile.get(step)
+            if row is None:
+                cells += ["-"] * 5
+                continue
+            seconds, work = row["seconds"], row["flops"]
+            rate = work / seconds / 1e9 if work and seconds > 0 else None
+            top = peak.gflops(dtype) if peak is not None else None
+            share = f"{100 * rate / top:.0f}%" if rate is not None and top else "-"
+            busy = f"{row['cpu'] / seconds:.2f}" if seconds > 0 else "-"
+            cells += [_gflop(work), f"{seconds:.3f}", "-" if rate is None else f"{rate:.0f}", share, busy]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def steps_report(profiles, results, peak, gemm, whole_unet, device, half, repeats, loads) -> str:
+    """``steps-<device>.md``: where one 512x512 view's time goes against the machine, and the tiny encoder's rows."""
+    half_name = str(half).removeprefix("torch.")
+    full = {name: value for name, value in profiles.items() if "tiny" not in name}
+    lines = [
+        f"# Where one 512x512 view's time goes, against the machine: {device_name(device)}",
+        "",
+        f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        "SD 1.5-shaped random weights (UNet, VAE, CLIP-L text encoder), one random 512x512 image, 10 classes, "
+        "`default` preset, latent cache off. Each step is timed inside the real `segment_batch` call (median of 2 "
+        "calls; the text cache emptied before each so the text encoder runs), then its FLOPs are counted in one "
+        f"more call: {flops.COUNTED}; {flops.NOT_COUNTED}. rest = the call minus the steps (image decoding, "
+        f"views, prompts, noising bookkeeping). {busy_note(loads)}",
+        "",
+    ]
+    if peak is not None:
+        lines += [
+            peak.describe(),
+            "",
+            "What a large matrix product (2048x2048, best of 5) reaches here: "
+            + ", ".join(
+                f"{str(dtype).removeprefix('torch.')} {rate:.0f} GFLOP/s"
+                + (f" ({100 * rate / peak.gflops(dtype):.0f}% of peak)" if peak.gflops(dtype) else "")
+                for dtype, rate in gemm.items()
+            )
+            + ".",
+            "",
+        ]
+    lines += [
+        *step_rows(full, peak),
+        "",
+        f"The UNet pass stops after the last block the preset needs; the whole UNet (every block) would be "
+        f"{_gflop(whole_unet)} GFLOP for one (view, prompt) pass. % of peak uses the peak of the step's precision "
+        f"(bf16 for the {half_name} column, though autocast keeps some of its ops, and the capture's attention "
+        "scores, in fp32).",
+        "",
+        "## Tiny encoder vs the full VAE",
+        "",
+        "The views encoded by an `AutoencoderTiny` in TAESD's real shapes (diffusers' default configuration: 64 "
+        "channels, 1/3/3/3 blocks, 4 latent channels; random weights, so no fidelity can be measured here), against "
+        f"the SD 1.5 VAE encoder, same run. Seconds per view: median of {repeats} whole calls, interleaved with the "
+        "full-VAE calls (the main table of bench.py); encoder FLOPs and seconds from the per-step profiles.",
+        "",
+        "| precision | encoder | encoder GFLOP | encoder s | s / view (median) | min-max s | tiny / full |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for suffix in ("", f" {half_name}"):
+        label = suffix.strip() or "fp32"
+        full_case, tiny_case = f"ours{suffix}, 512x512", f"ours{suffix}, {TINY_CASE}"
+        if full_case not in results or tiny_case not in results:
+            continue
+        ratio = results[tiny_case]["median"] / results[full_case]["median"]
+        for encoder, case, profile in (("full VAE", full_case, label), ("tiny (TAESD-shaped)", tiny_case,
+                                                                        f"{label}, tiny encoder")):  # fmt: skip
+            step = profiles[profile][1][flops.STEPS[1]]
+            r = results[case]
+            lines.append(
+                f"| {label} | {encoder} | {_gflop(step['flops'])} | {step['seconds']:.3f} | {r['median']:.2f} "
+                f"| {r['min']:.2f}-{r['max']:.2f} | {'' if encoder == 'full VAE' else f'{ratio:.2f}'} |"
+            )
+    lines += ["", "| ratio | value | target |", "|---|---|---|", *tiny_ratio_rows(results, half_name)]
+    return "\n".join(lines) + "\n"
 
 
 def isa_line(device: torch.device) -> str:
