@@ -19,12 +19,17 @@ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/``, no T5) plus
   vocabulary (``maskdiffusion.backbones.mmdit``'s concept streams, run with gradients): each
   pixel's class probabilities should sit on the classes its caption names; which classes the
   caption names is all it uses, never where they are;
+- vocabulary-conditioned samples (``p_vocabulary``): at segmentation the image tokens read the
+  prompt of the whole vocabulary, not a caption, so on a share of the samples the denoiser is
+  conditioned on that prompt while the absent-class term still uses the caption's classes (else
+  image tokens learn to read presence from the caption and the vocabulary's maps at test time
+  are not the ones trained);
 - two-scene mosaics (two backgrounds in one sample), as for the UNet.
 
 Every random draw of step ``k`` is seeded by ``(seed, k)``; checkpoints (models, optimiser, EMA,
 step) are written atomically every ``--checkpoint-minutes`` and the same command continues a
-killed run; ``--stop-at`` ends a stage at a step, ``--export-only`` writes ``OUT/model`` from the
-checkpoint's EMA weights.
+killed run; ``--init CHECKPOINT`` starts a new run from another run's EMA weights; ``--stop-at``
+ends a stage at a step, ``--export-only`` writes ``OUT/model`` from the checkpoint's EMA weights.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ import numpy as np
 import torch
 
 from maskdiffusion.backbones.base import block_hooks
-from maskdiffusion.backbones.mmdit import ConceptStream, JointPass, SD3Backbone, SD3JointProcessor, _keep_inputs
+from maskdiffusion.backbones.mmdit import JointPass, SD3Backbone, SD3JointProcessor, _keep_inputs
 from maskdiffusion.capture import CaptureStore, installed
 from maskdiffusion.families import FAMILIES
 from maskdiffusion.loading import toy_model_path
 from maskdiffusion.presets import Preset
 from maskdiffusion.prompts import CLIP_CONTEXT, PromptBatch, parse_classes
+from maskdiffusion.text import TextConditioning
 from maskdiffusion.toyworld.world import CLASS_NAMES, Scene
 from research.toy_tokenizer import toy_clip_tokenizer
 from research.train import (
@@ -93,7 +99,9 @@ class DiTConfig:
     ema_decay: float = 0.999
     mosaic_fraction: float = 0.5
     class_attention_weight: float = 0.003
-    absent_class_weight: float = 0.01
+    absent_class_weight: float = 0.03
+    p_vocabulary: float = 0.5  # share of samples conditioned on the segmentation prompt instead of their caption
+    init: str = ""  # a checkpoint whose EMA weights a fresh run starts from (its optimiser starts afresh)
 
     @classmethod
     def from_dict(cls, values: dict) -> DiTConfig:
@@ -209,11 +217,11 @@ class TrainingPass(JointPass):
         return out
 
 
-def vocabulary_concepts(backbone: SD3Backbone, batch: int) -> ConceptStream:
-    """The world's 8 class names as a concept stream (from the vocabulary prompt, as segmentation builds it)."""
-    vocabulary = parse_classes(list(CLASS_NAMES))
-    text = backbone.encode(backbone.prompts(vocabulary, " and "), torch.device("cpu"))
-    return backbone._concepts(text, batch)
+def vocabulary_prompt(backbone: SD3Backbone) -> tuple[TextConditioning, torch.Tensor]:
+    """The segmentation prompt of the world's 8 class names, as segmentation builds it: its conditioning
+    ``(1, T, E)`` (with the classes' spans) and its ids ``(1, T)``."""
+    batches = backbone.prompts(parse_classes(list(CLASS_NAMES)), " and ")
+    return backbone.encode(batches, torch.device("cpu")), batches[0].input_ids
 
 
 def caption_conditioning(backbone: SD3Backbone, ids: torch.Tensor):
@@ -263,6 +271,12 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
         opt.load_state_dict(state["opt"])
         ema.shadow = state["ema"]
         log_line(out, {"resume": True, "step": state["step"]})
+    elif cfg.init:
+        _, start, init_step = models_from_checkpoint(Path(cfg.init))
+        for module, trained in zip(models.trained(), start.trained(), strict=True):
+            module.load_state_dict(trained.state_dict())
+        ema = EMA(models.trained(), cfg.ema_decay)
+        log_line(out, {"init": cfg.init, "init_step": init_step})
     step = state.get("step", 0)
     scenes = make_dataset(_unet_like(cfg))
     latents = encode_latents(toy_vae(), scenes, out / LATENTS)
@@ -291,8 +305,16 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
         ids = models.tokenizer(
             captions, padding="max_length", max_length=CLIP_CONTEXT, truncation=True, return_tensors="pt"
         ).input_ids
+        named = class_tokens(ids, table)  # (B, T, K): the caption's class-name tokens
+        present = named.sum(1) > 0  # (B, K): the classes each caption names
         text = caption_conditioning(backbone, ids)
-        concepts = vocabulary_concepts(backbone, cfg.batch)
+        vocabulary, vocabulary_ids = vocabulary_prompt(backbone)
+        concepts = backbone._concepts(vocabulary, cfg.batch)
+        # At segmentation the image tokens read the whole vocabulary's prompt, not a caption: on those
+        # samples the absent-class term asks what the test asks (the caption still says what is present).
+        swap = torch.from_numpy(rng.random(cfg.batch) < cfg.p_vocabulary)
+        text = mix_conditioning(text, vocabulary, swap)
+        named_in_text = torch.where(swap[:, None, None], class_tokens(vocabulary_ids, table), named)
         state_pass = TrainingPass(
             store=CaptureStore.for_view((64, 64), store_preset),
             factor=VAE_FACTOR,
@@ -313,13 +335,11 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
             ).sample
         losses = per_sample_mse(velocity, noise - x0)
         loss = losses.mean()
-        named = class_tokens(ids, table)  # (B, T, K)
         if cfg.class_attention_weight > 0:
-            prior = torch.stack([pixel_class_information(m, named) for m in state_pass.caption_maps]).mean()
+            prior = torch.stack([pixel_class_information(m, named_in_text) for m in state_pass.caption_maps]).mean()
             loss = loss + cfg.class_attention_weight * prior
             meter["prior"].append(prior.item())
         if cfg.absent_class_weight > 0:
-            present = named.sum(1) > 0  # (B, K): the classes each caption names
             absent = torch.stack([absent_mass(m, present) for m in state_pass.store.attention]).mean()
             loss = loss + cfg.absent_class_weight * absent
             meter["absent"].append(absent.item())
@@ -344,6 +364,13 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
             save_checkpoint(out, cfg, models, opt, ema, step)
             last_save = time.time()
     return models
+
+
+def mix_conditioning(captions: TextConditioning, prompt: TextConditioning, swap: torch.Tensor) -> TextConditioning:
+    """``captions`` ``(B, T, E)`` with the rows where ``swap`` ``(B,)`` is set replaced by ``prompt`` ``(1, T, E)``."""
+    hidden = torch.where(swap[:, None, None], prompt.hidden.expand_as(captions.hidden), captions.hidden)
+    pooled = torch.where(swap[:, None], prompt.pooled.expand_as(captions.pooled), captions.pooled)
+    return TextConditioning(hidden=hidden, pooled=pooled)
 
 
 def absent_mass(log_maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
