@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from research.train_dit import CHECKPOINT, MODEL_DIR, DiTConfig, absent_mass, main, sample_t
+from maskdiffusion.text import TextConditioning
+from research.train_dit import (
+    CHECKPOINT,
+    MODEL_DIR,
+    DiTConfig,
+    absent_mass,
+    main,
+    mix_conditioning,
+    models_from_checkpoint,
+    sample_t,
+)
 
 TINY = DiTConfig(num_scenes=24, width=32, layers=2, text_width=16, steps=4, batch=4, warmup=2)
 
@@ -87,3 +97,28 @@ def test_flow_times_are_logit_normal_in_the_open_unit_interval():
     assert t.min() > 0 and t.max() < 1
     logits = np.log(t / (1 - t))
     assert abs(logits.mean() - TINY.logit_mean) < 0.03 and abs(logits.std() - TINY.logit_std) < 0.03
+
+
+def test_a_run_started_from_another_runs_checkpoint_starts_from_its_ema_weights(tiny_run, tmp_path):
+    main([*tiny_args(tmp_path, steps=1, lr=0.0), "--init", str(tiny_run / CHECKPOINT)])  # lr 0: nothing moves
+    assert records(tmp_path)[0] == {"init": str(tiny_run / CHECKPOINT), "init_step": 4}
+    start = torch.load(tiny_run / CHECKPOINT, map_location="cpu", weights_only=False)
+    run = torch.load(tmp_path / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert run["step"] == 1 and run["config"]["init"] == str(tiny_run / CHECKPOINT)
+    _, models, _ = models_from_checkpoint(tmp_path / CHECKPOINT, use_ema=False)
+    weights = [p for module in models.trained() for p in module.parameters()]
+    assert len(weights) == len(start["ema"]) == len(run["ema"])
+    for weight, ema, run_ema in zip(weights, start["ema"], run["ema"], strict=True):
+        torch.testing.assert_close(weight, ema)
+        torch.testing.assert_close(run_ema, ema)
+    name, weight = next(models.transformer.named_parameters())
+    assert not torch.equal(weight, start["transformer"][name])  # the EMA, not the raw weights
+
+
+def test_vocabulary_conditioned_rows_replace_the_captions_rows_and_only_those():
+    captions = TextConditioning(hidden=torch.randn(3, 5, 4), pooled=torch.randn(3, 2))
+    prompt = TextConditioning(hidden=torch.randn(1, 5, 4), pooled=torch.randn(1, 2))
+    mixed = mix_conditioning(captions, prompt, torch.tensor([True, False, True]))
+    assert torch.equal(mixed.hidden[1], captions.hidden[1]) and torch.equal(mixed.pooled[1], captions.pooled[1])
+    for row in (0, 2):
+        assert torch.equal(mixed.hidden[row], prompt.hidden[0]) and torch.equal(mixed.pooled[row], prompt.pooled[0])
