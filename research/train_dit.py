@@ -23,7 +23,9 @@ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/``, no T5) plus
   prompt of the whole vocabulary, not a caption, so on a share of the samples the denoiser is
   conditioned on that prompt while the absent-class term still uses the caption's classes (else
   image tokens learn to read presence from the caption and the vocabulary's maps at test time
-  are not the ones trained);
+  are not the ones trained); on those samples ``absent_attention_weight`` puts the same term on
+  the attention weights of image queries to the prompt's class-name tokens, and the prior's
+  classes are still the caption's;
 - two-scene mosaics (two backgrounds in one sample), as for the UNet.
 
 Every random draw of step ``k`` is seeded by ``(seed, k)``; checkpoints (models, optimiser, EMA,
@@ -100,6 +102,7 @@ class DiTConfig:
     mosaic_fraction: float = 0.5
     class_attention_weight: float = 0.003
     absent_class_weight: float = 0.03
+    absent_attention_weight: float = 0.0  # the absent-class term on the attention weights (vocabulary rows)
     p_vocabulary: float = 0.5  # share of samples conditioned on the segmentation prompt instead of their caption
     init: str = ""  # a checkpoint whose EMA weights a fresh run starts from (its optimiser starts afresh)
 
@@ -287,7 +290,7 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
     for module in models.trained():
         module.train()
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    meter: dict[str, list[float]] = {"loss": [], "prior": [], "absent": []}
+    meter: dict[str, list[float]] = {"loss": [], "prior": [], "absent": [], "absent_attention": []}
     last_save, t0 = time.time(), time.time()
     while step < last:
         rng = step_rng(_unet_like(cfg), 3, step)
@@ -314,7 +317,9 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
         # samples the absent-class term asks what the test asks (the caption still says what is present).
         swap = torch.from_numpy(rng.random(cfg.batch) < cfg.p_vocabulary)
         text = mix_conditioning(text, vocabulary, swap)
-        named_in_text = torch.where(swap[:, None, None], class_tokens(vocabulary_ids, table), named)
+        vocabulary_named = class_tokens(vocabulary_ids, table).expand_as(named)  # (B, T, K): every class
+        # The prior's classes are the caption's, wherever their tokens are (caption or vocabulary prompt).
+        named_in_text = torch.where(swap[:, None, None], vocabulary_named * present[:, None, :], named)
         state_pass = TrainingPass(
             store=CaptureStore.for_view((64, 64), store_preset),
             factor=VAE_FACTOR,
@@ -343,6 +348,13 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
             absent = torch.stack([absent_mass(m, present) for m in state_pass.store.attention]).mean()
             loss = loss + cfg.absent_class_weight * absent
             meter["absent"].append(absent.item())
+        if cfg.absent_attention_weight > 0 and swap.any():
+            rows = swap & present.any(1)
+            attention = torch.stack(
+                [absent_share(m[rows], vocabulary_named[rows], present[rows]) for m in state_pass.caption_maps]
+            ).mean()
+            loss = loss + cfg.absent_attention_weight * attention
+            meter["absent_attention"].append(attention.item())
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -381,6 +393,19 @@ def absent_mass(log_maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         return log_maps.new_zeros(())
     picked = log_maps.masked_fill(~present[:, :, None, None], -torch.inf).logsumexp(dim=1)  # (B, h, w)
     return -picked[usable].mean()
+
+
+def absent_share(maps: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``-log`` (share of a pixel's attention to class-name tokens that goes to the classes its caption names).
+
+    ``maps``: ``(B, N, T)`` image-to-text attention; ``tokens``: ``(B, T, K)`` 0/1 token -> class of a
+    text that names every class; ``present``: ``(B, K)`` the classes the caption names (>= 1 per row).
+    """
+    if not len(maps):
+        return maps.new_zeros(())
+    per_class = maps @ tokens  # (B, N, K)
+    share = (per_class * present[:, None, :]).sum(-1) / per_class.sum(-1).clamp_min(1e-12)
+    return -share.clamp_min(1e-12).log().mean()
 
 
 def _unet_like(cfg: DiTConfig):

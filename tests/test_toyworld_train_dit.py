@@ -15,13 +15,16 @@ from research.train_dit import (
     MODEL_DIR,
     DiTConfig,
     absent_mass,
+    absent_share,
     main,
     mix_conditioning,
     models_from_checkpoint,
     sample_t,
 )
 
-TINY = DiTConfig(num_scenes=24, width=32, layers=2, text_width=16, steps=4, batch=4, warmup=2)
+TINY = DiTConfig(
+    num_scenes=24, width=32, layers=2, text_width=16, steps=4, batch=4, warmup=2, absent_attention_weight=0.03
+)
 
 
 def tiny_args(out, **changes) -> list[str]:
@@ -52,6 +55,7 @@ def test_a_run_resumes_its_stages_and_logs_every_step_and_its_attention_terms(ti
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert lines.index({"resume": True, "step": 2}) == 2  # after steps 1 and 2, before 3
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["prior"]) and r["absent"] > 0 for r in steps)
+    assert any(r.get("absent_attention", 0) > 0 for r in steps)  # vocabulary-conditioned rows (p 0.5, batch 4)
     assert torch.load(tiny_run / CHECKPOINT, map_location="cpu", weights_only=False)["step"] == 4
 
 
@@ -122,3 +126,13 @@ def test_vocabulary_conditioned_rows_replace_the_captions_rows_and_only_those():
     assert torch.equal(mixed.hidden[1], captions.hidden[1]) and torch.equal(mixed.pooled[1], captions.pooled[1])
     for row in (0, 2):
         assert torch.equal(mixed.hidden[row], prompt.hidden[0]) and torch.equal(mixed.pooled[row], prompt.pooled[0])
+
+
+def test_absent_share_is_low_where_attention_to_class_tokens_goes_to_the_named_classes():
+    tokens = torch.zeros(2, 4, 3)
+    tokens[:, 1, 0] = tokens[:, 2, 1] = tokens[:, 3, 2] = 1  # token 0 is no class (e.g. the start token)
+    present = torch.tensor([[True, False, False], [True, False, True]])
+    named = torch.tensor([0.6, 0.38, 0.01, 0.01]).expand(2, 5, 4)  # most on token 0, which does not count
+    absent = torch.tensor([0.6, 0.01, 0.38, 0.01]).expand(2, 5, 4)
+    assert absent_share(named, tokens, present) < 0.05 < 1.0 < absent_share(absent, tokens, present)
+    assert absent_share(named[:0], tokens[:0], present[:0]) == 0  # no rows
