@@ -25,7 +25,7 @@ demo: $(VENV)/.base
 	HF_HUB_OFFLINE=1 $(BIN)/maskdiffusion demo
 
 lint: setup
-	$(BIN)/ruff check src tests research
+	$(BIN)/ruff check src tests research benchmarks
 
 test: lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q

@@ -57,7 +57,8 @@ def rows(default: Preset, attention_only: Preset, reference: Preset, backbone) -
     plain = default.replace(attention_normalization="max", refinement="hard", refine_steps=0)
     prob = {"attention_normalization": "probabilities"}
     em = {"refinement": "em", "refine_steps": 10}
-    pamr = {"refinement_on_image": "pamr"}
+    pamr = {"refinement_on_image": "pamr", "image_refine_steps": 10, "image_refine_dilations": (1, 2, 4, 8)}
+    no_pamr = {"refinement_on_image": "none"}
     baseline, added, shipped = "baseline", "added to the plain head", "the shipped default"
     removed, added_default, extra = "removed from the default", "added to the default", "opt-in, more work"
     on_image = "refinement on the image"
@@ -82,10 +83,12 @@ def rows(default: Preset, attention_only: Preset, reference: Preset, backbone) -
         (added_default, "+ calibrated", default.replace(attention_normalization="calibrated")),
         (added_default, "+ class presence (support)", default.replace(class_presence="support")),
         (added_default, "+ confident cells", default.replace(prototype_cells="confident")),
-        (on_image, "attention only + PAMR", attention_only.replace(**pamr)),
-        (on_image, "default + PAMR", default.replace(**pamr)),
-        (on_image, "default + PAMR, 5 steps", default.replace(**pamr, image_refine_steps=5)),
-        (on_image, "default + PAMR, dilations 1, 2", default.replace(**pamr, image_refine_dilations=(1, 2))),
+        (on_image, "attention only, PAMR off", attention_only.replace(**no_pamr)),
+        (on_image, "attention only, PAMR on", attention_only.replace(**pamr)),
+        (on_image, "default, PAMR off", default.replace(**no_pamr)),
+        (on_image, "default, PAMR on (10 steps, dilations 1, 2, 4, 8)", default.replace(**pamr)),
+        (on_image, "default, PAMR 5 steps", default.replace(**{**pamr, "image_refine_steps": 5})),
+        (on_image, "default, PAMR dilations 1, 2", default.replace(**{**pamr, "image_refine_dilations": (1, 2)})),
         (extra, "+ 4 noise samples", default.replace(noise_samples=4)),
         (extra, "+ timesteps 200 and 300", default.replace(ensemble_timesteps=(200, 300))),
     ]

@@ -3,6 +3,7 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_a_tiny_run_writes_the_page_and_every_row(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     page = out.with_suffix(".md").read_text()
     softmax = ablation.Preset(attention_mode="softmax")
-    assert len(report["rows"]) == len(ablation.rows(softmax, softmax, softmax))
+    assert len(report["rows"]) == len(ablation.rows(softmax, softmax, softmax, SimpleNamespace(kind="unet")))
     for row in report["rows"]:
         assert 0.0 <= row["streams"]["3"]["mIoU"] <= 100.0 and row["long_vocabulary_miou"] is not None
         assert f"| {row['name']} |" in page
