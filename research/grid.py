@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=3, help="attention settings the head grid starts from")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
+    parser.add_argument(
+        "--presets",
+        type=Path,
+        help="also write the winners as a model card's presets (default: the best head; attention-only: the best "
+        "attention setting; reference: the model's own), for research.train_dit --presets",
+    )
     args = parser.parse_args(argv)
     if args.stream == 0:
         parser.error("stream 0 is the quality gate's: settings are never chosen on it")
@@ -117,6 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     for stage in ("attention", "head"):
         top = next(r for r in table if r["stage"] == stage)
         print(f"best {stage}: {top['name']} {top['mIoU']:.2f} (shapes {top['shapes']:.1f})")
+    if args.presets:
+        write_text(args.presets, json.dumps(card_presets(table, segmenter.presets["reference"]), indent=2) + "\n")
+
+
+def card_presets(table: list[dict], reference: Preset) -> dict[str, dict]:
+    """The grid's winners as ``maskdiffusion.json`` presets: every field, so the card says all of it."""
+    best = {stage: next(r for r in table if r["stage"] == stage)["preset"] for stage in ("attention", "head")}
+    return {"default": best["head"], "attention-only": best["attention"], "reference": reference.to_dict()}
 
 
 if __name__ == "__main__":

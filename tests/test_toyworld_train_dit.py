@@ -4,6 +4,7 @@ resumes, and exports a folder that diffusers and the segmenter both load."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -136,3 +137,28 @@ def test_absent_share_is_low_where_attention_to_class_tokens_goes_to_the_named_c
     absent = torch.tensor([0.6, 0.01, 0.38, 0.01]).expand(2, 5, 4)
     assert absent_share(named, tokens, present) < 0.05 < 1.0 < absent_share(absent, tokens, present)
     assert absent_share(named[:0], tokens[:0], present[:0]) == 0  # no rows
+
+
+def test_the_grid_scores_every_setting_on_a_held_out_stream_and_writes_its_winners_as_presets(tiny_run, tmp_path):
+    from maskdiffusion import MaskDiffusion
+    from research import grid
+
+    with pytest.raises(SystemExit):
+        grid.main(["--model", str(tiny_run / MODEL_DIR), "--stream", "0", "--out", str(tmp_path / "g.json")])
+    args = ["--model", str(tiny_run / MODEL_DIR), "--scenes", "2", "--top", "1", "--out", str(tmp_path / "g.json")]
+    grid.main([*args, "--presets", str(tmp_path / "presets.json")])
+    report = json.loads((tmp_path / "g.json").read_text())
+    attention = [r for r in report["rows"] if r["stage"] == "attention"]
+    head = [r for r in report["rows"] if r["stage"] == "head"]
+    sets = grid.block_sets(TINY.layers)
+    assert len(attention) == 2 * len(grid.TIMESTEPS) * len(sets) and len(head) == 4 * len(sets)
+    assert all(0 <= r["mIoU"] <= 100 for r in report["rows"]) and report["stream"] == 3
+    assert [r["mIoU"] for r in head] == sorted((r["mIoU"] for r in head), reverse=True)
+    presets = json.loads((tmp_path / "presets.json").read_text())
+    assert presets["default"] == head[0]["preset"] and presets["attention-only"] == attention[0]["preset"]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run / MODEL_DIR, model)
+    card = json.loads((model / "maskdiffusion.json").read_text())
+    (model / "maskdiffusion.json").write_text(json.dumps({**card, "presets": presets}))
+    loaded = MaskDiffusion.from_pretrained(str(model), device="cpu").presets
+    assert json.loads(json.dumps(loaded["default"].to_dict())) == head[0]["preset"]
