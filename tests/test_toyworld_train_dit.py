@@ -162,3 +162,22 @@ def test_the_grid_scores_every_setting_on_a_held_out_stream_and_writes_its_winne
     (model / "maskdiffusion.json").write_text(json.dumps({**card, "presets": presets}))
     loaded = MaskDiffusion.from_pretrained(str(model), device="cpu").presets
     assert json.loads(json.dumps(loaded["default"].to_dict())) == head[0]["preset"]
+
+
+def test_the_demo_puts_a_trained_toy_world_folder_beside_the_bundled_model(tiny_run, tmp_path, capsys):
+    from maskdiffusion import cli
+
+    folder = str(tiny_run / MODEL_DIR)
+    args = ["demo", "--out", str(tmp_path / "demo"), "--scenes", "2", "--device", "cpu", "--model", "toy"]
+    assert cli.main([*args, "--model", folder]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "toy" in line and folder in line)
+    assert header.index("toy") < header.index(folder)  # one column each, in the order asked
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / MODEL_DIR, other)
+    card = json.loads((other / "maskdiffusion.json").read_text())
+    (other / "maskdiffusion.json").write_text(json.dumps({**card, "vocabulary": ["cat", "dog"]}))
+    for bad, message in ((other, "is not a toy-world model"), (tmp_path, "nor a model folder")):
+        with pytest.raises(SystemExit):
+            cli.main([*args, "--model", str(bad)])
+        assert message in capsys.readouterr().err

@@ -35,11 +35,40 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
     parser.add_argument(
         "--model",
         action="append",
-        choices=list(BUNDLED_MODELS),
-        help="a bundled model to run (repeatable; default: all of them)",
+        type=toy_world_model,
+        help=f"a bundled model ({', '.join(BUNDLED_MODELS)}) or the folder of a model trained on the toy world "
+        "(e.g. research.train_dit's export); repeatable, one column each (default: every bundled model)",
     )
     parser.set_defaults(run=run)
     return parser
+
+
+def toy_world_model(value: str) -> str:
+    """A bundled model's name, or a model folder whose card says it speaks the toy world's vocabulary."""
+    import json
+
+    from ..loading import BUNDLED_MODELS
+    from ..model_card import SETTINGS_FILE
+    from ..toyworld.world import CLASS_NAMES
+
+    if value in BUNDLED_MODELS:
+        return value
+    card = Path(value) / SETTINGS_FILE
+    if not card.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) "
+            f"nor a model folder with {SETTINGS_FILE}"
+        )
+    try:
+        vocabulary = json.loads(card.read_text(encoding="utf-8")).get("vocabulary")
+    except (OSError, ValueError, AttributeError) as error:
+        raise argparse.ArgumentTypeError(f"{str(card)!r} cannot be read as a model card: {error}") from None
+    if vocabulary != list(CLASS_NAMES):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a toy-world model: its {SETTINGS_FILE} 'vocabulary' is not the world's classes "
+            f"({', '.join(CLASS_NAMES)})"
+        )
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     segmenters = {name: MaskDiffusion.from_pretrained(name, device=args.device) for name in dict.fromkeys(names)}
     numbers, figure = run_demo(segmenters, out_dir=Path(args.out), count=args.scenes, show=show)
     print(
-        f"maskdiffusion demo: the bundled model(s) {', '.join(segmenters)} segmented {args.scenes} held-out "
+        f"maskdiffusion demo: the model(s) {', '.join(segmenters)} segmented {args.scenes} held-out "
         f"toy-world scene(s) of the quality gate's stream, prompted with every class ({', '.join(CLASS_NAMES)})"
     )
     for line in demo_summary(numbers, args.scenes):
