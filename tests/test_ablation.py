@@ -52,3 +52,23 @@ def test_a_tiny_run_writes_the_page_and_every_row(tmp_path):
         assert 0.0 <= row["streams"]["3"]["mIoU"] <= 100.0 and row["long_vocabulary_miou"] is not None
         assert f"| {row['name']} |" in page
     assert sorted(report["calibration"]["mean_attention"]) == sorted(CLASS_NAMES)
+    pamr = {(p["first"], p["second"]): p for p in report["paired"]}  # a UNet: only the PAMR pairs apply
+    assert set(pamr) == {pair for pair in ablation.PAIRS if "PAMR" in pair[0]}
+    first, second = ablation.PAIRS[2]
+    by_name = {row["name"]: row["streams"]["3"]["mIoU"] for row in report["rows"]}
+    assert pamr[first, second]["streams"]["3"]["difference"] == pytest.approx(by_name[first] - by_name[second])
+    assert "Paired differences" in page
+
+
+def test_a_paired_difference_is_zero_against_itself_and_positive_where_one_row_wins_every_scene():
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 5, (40, C, C + 1))
+    first = noise + np.eye(C, C + 1, dtype=np.int64) * 40  # mostly on the diagonal: right
+    second = first.copy()
+    second[:, np.arange(C), np.arange(C)] -= 20  # the same scenes with half of each class's hits moved off it
+    second[:, np.arange(C), (np.arange(C) + 1) % C] += 20
+    assert ablation.paired_interval(first, first, 50, seed=0) == (0.0, 0.0, 0.0)
+    difference, low, high = ablation.paired_interval(first, second, 200, seed=0)
+    assert 0 < low <= difference <= high
+    single_low, single_high = ablation.bootstrap_interval(first, 200, seed=0)
+    assert high - low < single_high - single_low  # the same resamples cancel what both rows share
