@@ -171,8 +171,9 @@ def test_the_demo_puts_a_trained_toy_world_folder_beside_the_bundled_model(tiny_
     args = ["demo", "--out", str(tmp_path / "demo"), "--scenes", "2", "--device", "cpu", "--model", "toy"]
     assert cli.main([*args, "--model", folder]) == 0
     printed = capsys.readouterr().out
-    header = next(line for line in printed.splitlines() if "toy" in line and folder in line)
-    assert header.index("toy") < header.index(folder)  # one column each, in the order asked
+    lines = printed.splitlines()
+    header = lines[next(i for i, line in enumerate(lines) if "mIoU (%) over" in line) + 1]
+    assert header.split() == ["toy", folder]  # one column each, in the order asked, apart
     other = tmp_path / "other"
     shutil.copytree(tiny_run / MODEL_DIR, other)
     card = json.loads((other / "maskdiffusion.json").read_text())

@@ -451,7 +451,7 @@ def demo_summary(numbers: dict[str, dict[str, float | None]], count: int) -> lis
     """The demo's table (a row per variant, a column per model, what each variant is) and, where they
     apply (the gate's :data:`GATE_LIMIT` scenes or more), the gate's targets checked on each model."""
     models = list(numbers)
-    width = max(8, *(len(m) for m in models))
+    width = 2 + max(6, *(len(m) for m in models))  # at least two spaces between columns
     lines = [f"mIoU (%) over the {count} scenes, each from one confusion matrix over them:"]
     lines.append(" " * 18 + "".join(f"{m:>{width}}" for m in models))
     shown = [v for v in VARIANTS if all(HEADLINES[v] in n for n in numbers.values())]
