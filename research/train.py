@@ -323,6 +323,19 @@ class EMA:
             p.copy_(s)
 
 
+def optimiser_step(opt, params: list[torch.Tensor], loss: torch.Tensor, cfg, step: int) -> float:
+    """One AdamW step at step ``step``'s learning rate (linear warm-up over ``cfg.warmup``, then a cosine
+    to 0.1x ``cfg.lr`` at ``cfg.steps``), gradients clipped to norm 1; returns that rate."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return lr
+
+
 # ----------------------------------------------------------------------------- phases
 
 
@@ -632,13 +645,7 @@ def train_unet(
             loss = loss + binding_weight * margin
             meter["margin"].append(margin.item())
             meter["gap"].append(rel.mean().item())
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        lr = optimiser_step(opt, params, loss, cfg, step)
         ema.update([unet, text], step)
         meter["loss"].append(losses.mean().item())
         step += 1

@@ -40,7 +40,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -70,6 +69,7 @@ from research.train import (
     log_line,
     make_dataset,
     mosaic,
+    optimiser_step,
     per_sample_mse,
     pixel_class_information,
     step_rng,
@@ -355,13 +355,7 @@ def train(cfg: DiTConfig, out: Path, *, checkpoint_minutes: float, stop_at: int 
             ).mean()
             loss = loss + cfg.absent_attention_weight * attention
             meter["absent_attention"].append(attention.item())
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        lr = optimiser_step(opt, params, loss, cfg, step)
         ema.update(models.trained(), step)
         meter["loss"].append(losses.mean().item())
         step += 1

@@ -45,24 +45,21 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
 
 def toy_world_model(value: str) -> str:
     """A bundled model's name, or a model folder whose card says it speaks the toy world's vocabulary."""
-    import json
-
     from ..loading import BUNDLED_MODELS
-    from ..model_card import SETTINGS_FILE
+    from ..model_card import SETTINGS_FILE, read_settings
     from ..toyworld.world import CLASS_NAMES
 
     if value in BUNDLED_MODELS:
         return value
-    card = Path(value) / SETTINGS_FILE
-    if not card.is_file():
+    if not (Path(value) / SETTINGS_FILE).is_file():
         raise argparse.ArgumentTypeError(
             f"{value!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) "
             f"nor a model folder with {SETTINGS_FILE}"
         )
     try:
-        vocabulary = json.loads(card.read_text(encoding="utf-8")).get("vocabulary")
-    except (OSError, ValueError, AttributeError) as error:
-        raise argparse.ArgumentTypeError(f"{str(card)!r} cannot be read as a model card: {error}") from None
+        vocabulary = read_settings(Path(value)).get("vocabulary")
+    except ValueError as error:  # the message names the file and what to do
+        raise argparse.ArgumentTypeError(str(error)) from None
     if vocabulary != list(CLASS_NAMES):
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a toy-world model: its {SETTINGS_FILE} 'vocabulary' is not the world's classes "
